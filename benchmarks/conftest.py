@@ -1,0 +1,66 @@
+"""pytest-benchmark glue shared by every ``bench_*.py`` module.
+
+A benchmark case calls the ``measure`` fixture once. ``measure`` compiles and runs the
+function, checks the result against the expected value *before* anything is timed,
+then times it with ``benchmark.pedantic`` (warm-up round, median of ``rounds``) and
+tags the stats with the table columns ``benchmarks/run.py`` prints.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from kernels.testing import assert_close
+
+
+def _ready(fn, args):
+    return jax.block_until_ready(fn(*args))
+
+
+@pytest.fixture
+def measure(benchmark):
+    def run(
+        fn,
+        *args,
+        op: str,
+        shape: str,
+        dtype: str,
+        impl: str,
+        flops: float,
+        expected=None,
+        tol_dtype=None,
+        tol_scale: float = 1.0,
+        baseline: bool = False,
+        rounds: int = 5,
+        note: str = "",
+    ):
+        """Times ``fn(*args)`` and records one table row.
+
+        Args:
+          fn: jitted function; its output is compared with ``expected`` (if given).
+          op, shape, dtype, impl: table columns; rows with the same (op, shape, dtype)
+            form a group, compared against the group's ``baseline=True`` row.
+          flops: useful floating-point operations of one call (for GFLOP/s).
+          expected: reference output to check against before timing (pytree).
+          tol_dtype, tol_scale: tolerance of the check (``kernels.testing``).
+          note: free text shown in the table's last column.
+        """
+        out = _ready(fn, args)  # compile + first run
+        if expected is not None:
+            for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+                assert_close(got, want, tol_dtype or dtype, scale=tol_scale, err_msg=impl)
+        benchmark.group = f"{op} | {shape} | {dtype}"
+        benchmark.extra_info.update(
+            op=op,
+            shape=shape,
+            dtype=dtype,
+            impl=impl,
+            flops=float(flops),
+            baseline=baseline,
+            note=note,
+        )
+        benchmark.pedantic(_ready, args=(fn, args), rounds=rounds, warmup_rounds=1, iterations=1)
+        return out
+
+    return run

@@ -1,0 +1,170 @@
+"""Which implementation of an op runs on which platform: the one table in the package.
+
+Every public op takes ``implementation: None | "pallas" | "xla" | "reference"`` and
+``interpret: bool``. This module turns that pair into a function to call:
+
+* ``None`` picks the best implementation per platform, decided at *lowering* time
+  through ``jax.lax.platform_dependent`` (never ``jax.default_backend()`` at trace
+  time), so ``jax.export(..., platforms=["tpu"])`` on a CPU host exports the TPU kernel.
+* ``"pallas"`` is never refused while tracing. Lowered for a platform that has no
+  Pallas kernel for the op (CPU without ``interpret=True``, GPU today) it raises a
+  ``ValueError`` that names the implementations that do run there.
+* ``"xla"`` and ``"reference"`` are plain JAX and run everywhere.
+* ``interpret=True`` runs the Pallas kernel through the Pallas TPU interpreter on
+  any backend (TPU semantics such as scalar prefetch and VMEM scratch simulated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+Implementation = Literal["pallas", "xla", "reference"]
+IMPLEMENTATIONS: tuple[str, ...] = ("pallas", "xla", "reference")
+
+# platform -> implementation that `implementation=None` runs there. Platforms not
+# listed (rocm, ...) use "default". GPU runs xla until a Mosaic GPU kernel exists.
+BEST_IMPLEMENTATION: dict[str, str] = {
+    "tpu": "pallas",
+    "cuda": "xla",
+    "cpu": "xla",
+    "default": "xla",
+}
+
+# platform -> implementations that can be lowered there without interpret mode.
+RUNNABLE: dict[str, tuple[str, ...]] = {
+    "tpu": ("pallas", "xla", "reference"),
+    "cuda": ("xla", "reference"),
+    "cpu": ("xla", "reference"),
+    "default": ("xla", "reference"),
+}
+
+
+def validate_implementation(implementation: str | None) -> None:
+    """Raises ``ValueError`` for anything but ``None`` or a known implementation name."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not one of None, "
+            + ", ".join(repr(i) for i in IMPLEMENTATIONS)
+        )
+
+
+def dispatch(
+    op_name: str,
+    implementation: str | None,
+    interpret: bool,
+    impls: dict[str, Callable[..., object]],
+) -> Callable[..., object]:
+    """Returns the function that runs ``op_name`` for this implementation choice.
+
+    Args:
+      op_name: public name of the op, used in error messages.
+      implementation: ``None`` (best per platform), ``"pallas"``, ``"xla"`` or
+        ``"reference"``.
+      interpret: run the Pallas kernel in the interpreter (any platform).
+      impls: implementation name -> function with the op's positional signature. The
+        ``"pallas"`` entry must already carry ``interpret`` if the caller wants it.
+
+    Returns:
+      A function of the same positional arguments. For ``None`` and compiled
+      ``"pallas"`` it is a ``jax.lax.platform_dependent`` switch resolved at lowering.
+    """
+    validate_implementation(implementation)
+    if interpret and implementation not in (None, "pallas"):
+        raise ValueError(
+            f"{op_name}: interpret=True runs the Pallas kernel, but "
+            f"implementation={implementation!r} was asked for"
+        )
+    if implementation in ("xla", "reference"):
+        return impls[implementation]
+    if interpret:
+        return impls["pallas"]
+    if implementation == "pallas":
+        pallas = impls["pallas"]
+        message = _unavailable_message(op_name, "pallas")
+
+        def pallas_or_error(*args):
+            return jax.lax.platform_dependent(
+                *args, tpu=pallas, default=_fail_at_lowering(pallas, message)
+            )
+
+        return pallas_or_error
+
+    def best(*args):
+        branches = {
+            platform: impls[name]
+            for platform, name in BEST_IMPLEMENTATION.items()
+            if platform != "default"
+        }
+        return jax.lax.platform_dependent(
+            *args, **branches, default=impls[BEST_IMPLEMENTATION["default"]]
+        )
+
+    return best
+
+
+# -- A branch that fails at lowering time ------------------------------------------
+#
+# Explicit implementation="pallas" must trace on any host (so it can be exported for
+# TPU from a CPU), yet fail clearly when actually compiled for CPU or GPU. The
+# default branch of the platform switch binds this primitive: it has the right output
+# avals, and its lowering rule -- reached only when lowering for a non-TPU platform --
+# raises the error.
+
+_unavailable_p = Primitive("capibara_unavailable_implementation")
+_unavailable_p.multiple_results = True
+_unavailable_p.def_abstract_eval(lambda *args, out_avals, message: out_avals)
+
+
+def _raise_at_lowering(ctx, *args, out_avals, message):
+    platforms = ", ".join(ctx.module_context.platforms)
+    raise ValueError(f"{message} (lowering for platform(s): {platforms})")
+
+
+mlir.register_lowering(_unavailable_p, _raise_at_lowering)
+
+
+def _fail_at_lowering(like: Callable[..., object], message: str) -> Callable[..., object]:
+    """A branch with the same outputs as ``like`` whose lowering raises ``message``.
+
+    It is differentiable (zero cotangents) so that ``jax.grad`` of an explicit
+    ``"pallas"`` call traces on any host; only lowering it fails.
+    """
+
+    @jax.custom_vjp
+    def branch(*args):
+        out_shapes = jax.eval_shape(like, *args)
+        leaves, treedef = jax.tree.flatten(out_shapes)
+        avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in leaves)
+        outs = _unavailable_p.bind(*jax.tree.leaves(args), out_avals=avals, message=message)
+        return jax.tree.unflatten(treedef, outs)
+
+    def branch_fwd(*args):
+        return branch(*args), args
+
+    def branch_bwd(args, _):
+        return jax.tree.map(_zero_cotangent, args)
+
+    branch.defvjp(branch_fwd, branch_bwd)
+    return branch
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _unavailable_message(op_name: str, implementation: str) -> str:
+    runnable = "; ".join(f"{platform}: {', '.join(names)}" for platform, names in RUNNABLE.items())
+    return (
+        f"{op_name}: implementation={implementation!r} has a compiled kernel only on TPU. "
+        f"Pass interpret=True to run it in the Pallas interpreter, or pick an "
+        f"implementation that runs on this platform ({runnable})"
+    )

@@ -1,0 +1,107 @@
+"""Block-sparse matmul in plain XLA: work proportional to the stored blocks.
+
+XLA's CPU batched dot is several times slower than its 2-D dot (see
+PALLAS_NOTES.md), so a gather-then-einsum over blocks loses to the dense matmul. This
+path instead issues one *2-D* dot per run of output block columns that share the same
+set of block rows: ``x[:, rows] @ stack(blocks)`` with the stored blocks of those
+columns laid side by side. The layout is static, so the loop unrolls at trace time and
+every dot has a static shape; a fully dense run degenerates to one plain matmul.
+
+All functions take 2-D operands already padded to the layout's padded shape:
+``x [M, Kp]``, ``dy [M, Np]``, ``blocks [nnz, bk, bn]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.block_sparse.layout import BlockLayout
+
+
+def _column_runs(layout: BlockLayout) -> list[tuple[int, int, np.ndarray]]:
+    """Groups consecutive block columns with identical row sets.
+
+    Returns:
+      ``(first_col, last_col + 1, rows)`` per run; ``rows`` (int32) is empty for runs
+      of all-zero columns. Blocks of the run are ``blocks[col_ptr[first]:col_ptr[end]]``
+      in (column, row) order.
+    """
+    runs = []
+    for j in range(layout.grid[1]):
+        rows = layout.rows[layout.col_ptr[j] : layout.col_ptr[j + 1]]
+        if runs and np.array_equal(runs[-1][2], rows):
+            runs[-1][1] = j + 1
+        else:
+            runs.append([j, j + 1, rows])
+    return [(a, b, rows) for a, b, rows in runs]
+
+
+def _take_block_columns(x: jax.Array, rows: np.ndarray, block: int) -> jax.Array:
+    """``x [M, Kb*block]`` -> ``[M, len(rows)*block]``: the block columns ``rows``."""
+    num_blocks = x.shape[1] // block
+    if len(rows) == num_blocks:  # every block: no copy
+        return x
+    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: a slice
+        return x[:, rows[0] * block : (rows[-1] + 1) * block]
+    m = x.shape[0]
+    return x.reshape(m, num_blocks, block)[:, rows, :].reshape(m, len(rows) * block)
+
+
+def _dot(a, b, dims=((1,), (0,))):
+    return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def matmul(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``x [M, Kp] @ w`` -> f32 ``[M, Np]``."""
+    (bk, bn), m = layout.block_shape, x.shape[0]
+    outs = []
+    for first, end, rows in _column_runs(layout):
+        width = (end - first) * bn
+        if len(rows) == 0:
+            outs.append(jnp.zeros((m, width), jnp.float32))
+            continue
+        run = blocks[layout.col_ptr[first] : layout.col_ptr[end]]
+        # [cols, rows, bk, bn] -> [rows * bk, cols * bn]: the run's dense sub-matrix.
+        w_run = run.reshape(end - first, len(rows), bk, bn).transpose(1, 2, 0, 3)
+        outs.append(_dot(_take_block_columns(x, rows, bk), w_run.reshape(-1, width)))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def matmul_transposed(dy: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``dy [M, Np] @ w.T`` -> f32 ``[M, Kp]`` (the input gradient)."""
+    blocks_t = blocks[layout.row_major_order].transpose(0, 2, 1)
+    return matmul(dy, blocks_t, layout.transpose())
+
+
+def weight_grad(x: jax.Array, dy: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``(x.T @ dy)`` at the stored blocks only -> f32 ``[nnz, bk, bn]``."""
+    (bk, bn) = layout.block_shape
+    grads = []
+    for first, end, rows in _column_runs(layout):
+        if len(rows) == 0:
+            continue
+        # [rows * bk, cols * bn] = x_rows.T @ dy_cols, then back to storage order.
+        g = _dot(_take_block_columns(x, rows, bk), dy[:, first * bn : end * bn], ((0,), (0,)))
+        g = g.reshape(len(rows), bk, end - first, bn).transpose(2, 0, 1, 3)
+        grads.append(g.reshape(-1, bk, bn))
+    if not grads:
+        return jnp.zeros((0, bk, bn), jnp.float32)
+    return grads[0] if len(grads) == 1 else jnp.concatenate(grads, axis=0)
+
+
+@functools.cache
+def dense_is_faster(layout: BlockLayout) -> bool:
+    """Cost model for ``implementation=None`` on CPU: run the dense matmul instead?
+
+    Measured on a 2-core CPU (``make bench``): the blocked path pays a gather of ``x``
+    per run of columns and small-``N`` dots, and loses to one dense matmul (plus the
+    scatter of blocks into a dense ``w``) once about 60 % of the blocks are stored.
+    """
+    return layout.density > DENSE_DENSITY_THRESHOLD
+
+
+DENSE_DENSITY_THRESHOLD = 0.6
