@@ -134,11 +134,11 @@ def forward(q, k, v, q_seg, kv_seg, *, spec: masks.MaskSpec, scale: float, cap, 
             if needs_mask:  # a row may be all -inf: shift by 0 so exp gives 0, not NaN
                 m = jnp.where(m == masks.MASK_VALUE, 0.0, m)
             p = jnp.exp(s - m)
-            l = jnp.sum(p, axis=1, keepdims=True)
+            denom = jnp.sum(p, axis=1, keepdims=True)
             o = _dot(p, vh[lo:hi], (1, 0))  # "rn,nd->rd"
             # Normalize the [rows, D] output, not the [rows, n] probabilities.
-            outs.append(o / jnp.where(l == 0.0, 1.0, l))
-            lses.append(jnp.where(l == 0.0, jnp.inf, m + jnp.log(l))[:, 0])
+            outs.append(o / jnp.where(denom == 0.0, 1.0, denom))
+            lses.append(jnp.where(denom == 0.0, jnp.inf, m + jnp.log(denom))[:, 0])
         out = jnp.concatenate(outs, axis=0).reshape(s_len, g, d)
         lse = jnp.concatenate(lses, axis=0).reshape(s_len, g)
         return out, lse
