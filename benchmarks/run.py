@@ -104,8 +104,8 @@ def main(argv=None) -> int:
 
     pytest_args = [
         str(pathlib.Path(__file__).parent),
-        "-o",
-        "python_files=bench_*.py",
+        # bench_*.py modules hold bench_* functions: benchmarks, not tests.
+        *("-o", "python_files=bench_*.py", "-o", "python_functions=bench_*"),
         "-p",
         "no:cacheprovider",
         "--no-cov",

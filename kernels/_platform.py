@@ -127,7 +127,12 @@ def _raise_at_lowering(ctx, *args, out_avals, message):
     raise ValueError(f"{message} (lowering for platform(s): {platforms})")
 
 
+def _raise_eagerly(*args, out_avals, message):
+    raise ValueError(f"{message} (running eagerly on {jax.default_backend()})")
+
+
 mlir.register_lowering(_unavailable_p, _raise_at_lowering)
+_unavailable_p.def_impl(_raise_eagerly)
 
 
 def _fail_at_lowering(like: Callable[..., object], message: str) -> Callable[..., object]:
