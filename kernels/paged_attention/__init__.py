@@ -1,0 +1,280 @@
+"""Paged attention: query tokens attending to a KV cache stored in fixed-size pages.
+
+    out = kernels.paged_attention(q, k_pages, v_pages, lengths, page_table)
+    # q [B, Hq, D]: one new token per sequence (decode) -> [B, Hq, D]
+
+    out = kernels.paged_prefill_attention(q, k_pages, v_pages, lengths, page_table)
+    # q [B, S, Hq, D]: the last S tokens of each sequence (chunked prefill, speculative
+    # verification), causal within the chunk -> [B, S, Hq, D]
+
+The cache: ``k_pages``/``v_pages [Hkv, P, page_size, D]`` are page pools shared by all
+sequences; ``page_table[b, j]`` is the pool page holding tokens
+``j*page_size .. (j+1)*page_size - 1`` of sequence ``b``; ``lengths[b]`` counts its
+cached tokens, *including* the ones being queried (write them to the cache first).
+Query ``j`` of a chunk of ``S`` sits at position ``lengths[b] - S + j``. Table entries
+at or past ``ceil(lengths[b] / page_size)`` (and, with a sliding window, before the
+window) are never used: they may hold anything, including out-of-range values.
+A sequence with fewer than ``S`` new tokens can be left-padded: a query slot at a
+negative position sees nothing and returns zeros, as does ``lengths[b] == 0``.
+
+GQA/MQA: ``Hq`` is a multiple of ``Hkv``; query head ``h`` reads kv head
+``h // (Hq // Hkv)`` (as ``jax.nn.dot_product_attention``), without repeating k/v.
+
+Implementations (``implementation=``):
+  * ``"reference"``: gather every page into a dense ``[B, Hkv, T, D]`` cache, then dense
+    masked attention in f32 at ``Precision.HIGHEST``; the oracle.
+  * ``"xla"``: one pass over the page table a few pages at a time with an online
+    softmax (no dense copy of the cache); loops only over blocks some sequence needs.
+    The CPU/GPU default.
+  * ``"pallas"``: Mosaic TPU kernel, page table and lengths by scalar prefetch, pages
+    outside a sequence's range never fetched. The TPU default; ``interpret=True`` runs
+    it in the Pallas TPU interpreter anywhere. Checked on CPU in interpret mode and by
+    TPU lowering (``lowering_cases``); not yet run on TPU hardware.
+
+Not differentiable through ``"xla"``/``"pallas"`` (an inference op; the loop bounds
+depend on ``lengths``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels import _platform
+from kernels.paged_attention import pallas_tpu, reference, xla
+
+__all__ = [
+    "BlockSizes",
+    "bytes_accessed",
+    "flops",
+    "paged_attention",
+    "paged_prefill_attention",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Pages processed per step; both are clamped to ``pages_per_seq``.
+
+    Attributes:
+      pages_per_block: pages per grid step of the Pallas kernel (one DMA each; more
+        pages per step amortize the step overhead and feed the MXU larger tiles).
+      xla_pages_per_block: pages gathered per loop step of the ``"xla"`` path (small,
+        so a step's ``[Hkv, B, tokens, D]`` gather stays in cache).
+    """
+
+    pages_per_block: int = 8
+    xla_pages_per_block: int = 4
+
+    def __post_init__(self):
+        for name in ("pages_per_block", "xla_pages_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        return cls()
+
+
+def flops(batch: int, num_queries: int, num_q_heads: int, context: int, head_dim: int) -> int:
+    """Useful FLOPs: ``4·B·S·Hq·T·D`` (scores and ``p @ v``), every query seeing ``T`` keys."""
+    return 4 * batch * num_queries * num_q_heads * context * head_dim
+
+
+def bytes_accessed(batch: int, num_kv_heads: int, context: int, head_dim: int, dtype) -> int:
+    """Minimum HBM traffic of decode: each sequence's live k and v read once."""
+    return 2 * batch * num_kv_heads * context * head_dim * jnp.dtype(dtype).itemsize
+
+
+def _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window):
+    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point, got {name}.dtype={x.dtype}")
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise TypeError(
+            "q, k_pages and v_pages must share a dtype, got "
+            f"{q.dtype=}, {k_pages.dtype=}, {v_pages.dtype=}"
+        )
+    for name, x in (("lengths", lengths), ("page_table", page_table)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer array, got {name}.dtype={x.dtype}")
+    if k_pages.ndim != 4:
+        raise ValueError(
+            f"k_pages must be [Hkv, P, page_size, D], got k_pages.shape={k_pages.shape}"
+        )
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(
+            f"k_pages and v_pages must have the same shape, got {k_pages.shape=}, {v_pages.shape=}"
+        )
+    batch, _, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, _, kv_head_dim = k_pages.shape
+    if head_dim != kv_head_dim:
+        raise ValueError(f"q and k_pages must share head_dim, got {q.shape=}, {k_pages.shape=}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the kv heads, got "
+            f"{num_q_heads=}, {num_kv_heads=}"
+        )
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [B]={batch}, got lengths.shape={lengths.shape}")
+    if page_table.ndim != 2 or page_table.shape[0] != batch:
+        raise ValueError(f"page_table must be [B={batch}, pages_per_seq], got {page_table.shape=}")
+    if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale=}")
+    if logits_soft_cap is not None and not (
+        isinstance(logits_soft_cap, int | float) and logits_soft_cap > 0
+    ):
+        raise ValueError(
+            f"logits_soft_cap must be a positive number or None, got {logits_soft_cap=}"
+        )
+    if sliding_window is not None and not (
+        isinstance(sliding_window, int)
+        and not isinstance(sliding_window, bool)
+        and sliding_window > 0
+    ):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window=}")
+
+
+def paged_prefill_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """The last ``S`` tokens of each sequence attend, causally, to its paged cache.
+
+    Args:
+      q: ``[B, S, Hq, D]``; query ``j`` sits at position ``lengths[b] - S + j``.
+      k_pages, v_pages: ``[Hkv, P, page_size, D]`` page pools, same dtype as ``q``.
+      lengths: ``int[B]`` cached tokens per sequence, the ``S`` queried ones included.
+      page_table: ``int[B, pages_per_seq]`` pool page of each page of each sequence;
+        entries not covering ``[0, lengths[b])`` are ignored (clipped, never used).
+      scale: logit scale; ``None`` = ``1/sqrt(D)``.
+      logits_soft_cap: ``c``: logits become ``c·tanh(logits/c)`` (after scaling).
+      sliding_window: ``w``: a query at position ``p`` sees keys ``p-w+1 .. p``.
+      implementation: ``None`` (best for the platform, chosen at lowering),
+        ``"pallas"``, ``"xla"`` or ``"reference"``.
+      interpret: run the Pallas kernel in the Pallas TPU interpreter.
+      block_sizes: ``BlockSizes``; ``None`` = default.
+
+    Returns:
+      ``[B, S, Hq, D]`` in ``q.dtype`` (f32 softmax and accumulation); zeros for a query
+      that sees no key.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, S, Hq, D], got q.shape={q.shape}")
+    _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window)
+    block_sizes = block_sizes or BlockSizes.get_default()
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be BlockSizes, got {type(block_sizes).__name__}")
+    options = {
+        "scale": float(q.shape[-1] ** -0.5 if scale is None else scale),
+        "logits_soft_cap": None if logits_soft_cap is None else float(logits_soft_cap),
+        "sliding_window": sliding_window,
+    }
+    run = _platform.dispatch(
+        "paged_attention",
+        implementation,
+        interpret,
+        {
+            "pallas": functools.partial(
+                pallas_tpu.paged_attention,
+                pages_per_block=block_sizes.pages_per_block,
+                interpret=interpret,
+                **options,
+            ),
+            "xla": functools.partial(
+                xla.paged_attention, pages_per_block=block_sizes.xla_pages_per_block, **options
+            ),
+            "reference": functools.partial(reference.paged_attention, **options),
+        },
+    )
+    return run(q, k_pages, v_pages, lengths.astype(jnp.int32), page_table.astype(jnp.int32))
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Decode: one new token per sequence attends to its paged cache.
+
+    Args:
+      q: ``[B, Hq, D]``, the token at position ``lengths[b] - 1``.
+      k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window,
+        implementation, interpret, block_sizes: as in ``paged_prefill_attention``.
+
+    Returns:
+      ``[B, Hq, D]`` in ``q.dtype``; zeros where ``lengths[b] == 0``.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, Hq, D], got q.shape={q.shape}")
+    out = paged_prefill_attention(
+        q[:, None],
+        k_pages,
+        v_pages,
+        lengths,
+        page_table,
+        scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sliding_window=sliding_window,
+        implementation=implementation,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )
+    return out[:, 0]
+
+
+def lowering_cases():
+    """The Pallas kernel exported for TPU: bf16 GQA decode, and a windowed, soft-capped
+    f32 chunk of 4 queries (see ``kernels.lowering``)."""
+    from kernels.lowering import LoweringCase
+
+    def pages(dtype):
+        return jax.ShapeDtypeStruct((2, 64, 16, 128), dtype)
+
+    lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
+    table = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    decode = functools.partial(paged_attention, implementation="pallas")
+    chunk = functools.partial(
+        paged_prefill_attention,
+        implementation="pallas",
+        sliding_window=100,
+        logits_soft_cap=30.0,
+        block_sizes=BlockSizes(pages_per_block=4),
+    )
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    return [
+        LoweringCase(
+            "paged_attention.decode",
+            decode,
+            (jax.ShapeDtypeStruct((4, 8, 128), bf16), pages(bf16), pages(bf16), lengths, table),
+        ),
+        LoweringCase(
+            "paged_attention.chunk(window,cap)",
+            chunk,
+            (jax.ShapeDtypeStruct((4, 4, 8, 128), f32), pages(f32), pages(f32), lengths, table),
+        ),
+    ]
