@@ -174,6 +174,8 @@ def paged_prefill_attention(
       ``[B, S, Hq, D]`` in ``q.dtype`` (f32 softmax and accumulation); zeros for a query
       that sees no key.
     """
+    q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
+    lengths, page_table = jnp.asarray(lengths), jnp.asarray(page_table)
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S, Hq, D], got q.shape={q.shape}")
     _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window)

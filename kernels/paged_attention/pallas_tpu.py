@@ -64,6 +64,31 @@ def _live_blocks(length, *, num_queries, sliding_window, block_tokens, page_size
     return lo, hi, first_page, last_page, first_block, last_block
 
 
+def logical_page(
+    i, slot, length, *, pages_per_block, page_size, pages_per_seq, num_queries, sliding_window
+):
+    """Which page of the sequence (``page_table`` column) page slot ``slot`` holds at step ``i``.
+
+    Always a live page (``[first_page, last_page]``), so the table entry read is one the
+    caller filled in. Steps outside the live blocks repeat a live block's pages, so the
+    pipeline sees an unchanged block index and issues no DMA.
+    """
+    _, _, first_page, last_page, first_block, last_block = _live_blocks(
+        length,
+        num_queries=num_queries,
+        sliding_window=sliding_window,
+        block_tokens=pages_per_block * page_size,
+        page_size=page_size,
+    )
+    block = jnp.clip(i, first_block, jnp.maximum(last_block, first_block))
+    j = block * pages_per_block + slot
+    # A slot past the range keeps the page it held one block earlier (no new DMA); a
+    # slot before it fetches the page it will hold one block later (a prefetch).
+    j = jnp.where(j > last_page, j - pages_per_block, j)
+    j = jnp.where(j < first_page, j + pages_per_block, j)
+    return jnp.minimum(jnp.clip(j, first_page, last_page), pages_per_seq - 1)
+
+
 def _paged_attention_kernel(
     lengths_ref,
     table_ref,
@@ -163,7 +188,6 @@ def paged_attention(
     g = hq // hkv
     ppb = min(pages_per_block, pages_per_seq)
     num_blocks = -(-pages_per_seq // ppb)
-    block_tokens = ppb * page_size
 
     # [B, S, Hkv, G, D] -> [B, Hkv, rows, D], rows padded to the 8-row sublane tile.
     # Padded rows sit past the last query (they see the whole range) and are dropped.
@@ -172,25 +196,17 @@ def paged_attention(
     qr = q.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
     table = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32).reshape(-1)
-    live = functools.partial(
-        _live_blocks,
-        num_queries=s,
-        sliding_window=sliding_window,
-        block_tokens=block_tokens,
-        page_size=page_size,
-    )
+    static = {
+        "pages_per_block": ppb,
+        "page_size": page_size,
+        "pages_per_seq": pages_per_seq,
+        "num_queries": s,
+        "sliding_window": sliding_window,
+    }
 
     def page_slot(slot):
-        def index_map(bi, h, i, lengths_ref, table_ref):  # pool page of slot `slot`
-            _, _, first_page, last_page, first_block, last_block = live(lengths_ref[bi])
-            # Steps outside the live blocks repeat a live block's pages: no new DMA.
-            blk = jnp.clip(i, first_block, jnp.maximum(last_block, first_block))
-            j = blk * ppb + slot
-            # A slot past the range keeps its previous page; before it, fetches its next.
-            j = jnp.where(j > last_page, j - ppb, j)
-            j = jnp.where(j < first_page, j + ppb, j)
-            j = jnp.clip(j, first_page, last_page)
-            j = jnp.minimum(j, pages_per_seq - 1)
+        def index_map(bi, h, i, lengths_ref, table_ref):  # pool page held by `slot`
+            j = logical_page(i, slot, lengths_ref[bi], **static)
             return h, table_ref[bi * pages_per_seq + j], 0, 0
 
         return pl.BlockSpec((None, None, page_size, d), index_map)
