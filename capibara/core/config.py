@@ -74,6 +74,7 @@ class CapibaraConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     implementation: str | None = None  # kernel implementation for every op
+    interpret_kernels: bool = False  # run Pallas kernels in the interpreter (CPU tests)
 
     # -- sharding ------------------------------------------------------------------------
     mesh_shape: tuple[int, ...] = (1, 1)
@@ -437,6 +438,9 @@ def _translate_hf(hf: dict[str, Any]) -> dict[str, Any]:
             f"unsupported Hugging Face model_type {model_type!r}; supported: {HF_MODEL_TYPES}"
         )
     heads = hf["num_attention_heads"]
+    # transformers >= 5 nests theta and scaling in "rope_parameters"; older files
+    # have top-level "rope_theta" and "rope_scaling".
+    rope = hf.get("rope_parameters") or {}
     fields: dict[str, Any] = {
         "vocab_size": hf["vocab_size"],
         "hidden_size": hf["hidden_size"],
@@ -446,8 +450,8 @@ def _translate_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
         "intermediate_size": hf["intermediate_size"],
         "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-        "rope_theta": float(hf.get("rope_theta", 10000.0)),
-        "rope_scaling": hf.get("rope_scaling"),
+        "rope_theta": float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        "rope_scaling": _rope_scaling(rope, hf.get("rope_scaling")),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "attention_bias": bool(hf.get("attention_bias", model_type == "qwen2")),
@@ -464,3 +468,9 @@ def _translate_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if dtype:
         fields["param_dtype"] = dtype
     return fields
+
+
+def _rope_scaling(rope_parameters: dict, legacy: dict | None) -> dict | None:
+    if rope_parameters.get("rope_type", "default") != "default":
+        return {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return legacy

@@ -126,3 +126,15 @@ def test_from_hf_mixtral_qwen2_mistral():
 def test_unsupported_hf_model_type():
     with pytest.raises(ValueError, match="unsupported Hugging Face model_type 'gpt2'"):
         ConfigurationManager.from_hf_config({**HF_LLAMA, "model_type": "gpt2"})
+
+
+def test_from_hf_reads_transformers_5_rope_parameters():
+    config = ConfigurationManager.from_hf_config(
+        {
+            **HF_LLAMA,
+            "rope_theta": None,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 1234.0, "factor": 8.0},
+        }
+    )
+    assert config.rope_theta == 1234.0
+    assert config.rope_scaling == {"rope_type": "llama3", "factor": 8.0}

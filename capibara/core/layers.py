@@ -1,0 +1,170 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, linears, attention, SwiGLU.
+
+Numerics policy: parameters are stored in ``param_dtype``, cast to ``compute_dtype`` for
+the matmuls; norms, softmax statistics and accumulation stay in f32 (the kernels
+accumulate in f32 whatever their input dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kernels
+from capibara.core.config import CapibaraConfig
+from kernels.block_sparse import BlockSparseMatrix
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * weight``, computed in f32, returned in ``x.dtype``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):  # [..., dim]
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """``x @ kernel (+ bias)``; ``kernel [in, out]`` dense, or a ``BlockSparseMatrix``.
+
+    A block-sparse kernel (see ``capibara.sparsify``) runs through
+    ``kernels.block_sparse_matmul``; a dense one through one XLA dot. Both accumulate
+    in f32 and return ``compute_dtype``.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, *, config: CapibaraConfig, rngs: nnx.Rngs, bias: bool = False
+    ):
+        init = nnx.initializers.normal(stddev=1.0 / math.sqrt(d_in))
+        param_dtype = dtype_of(config.param_dtype)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+        self.compute_dtype = dtype_of(config.compute_dtype)
+        self.implementation = config.implementation
+        self.interpret = config.interpret_kernels
+
+    def __call__(self, x):  # [..., d_in] -> [..., d_out]
+        x = x.astype(self.compute_dtype)
+        kernel = self.kernel.get_value()
+        if isinstance(kernel, BlockSparseMatrix):
+            y = kernels.block_sparse_matmul(
+                x,
+                kernel.astype(self.compute_dtype),
+                implementation=self.implementation,
+                interpret=self.interpret,
+            )
+        else:
+            y = jnp.einsum(
+                "...i,io->...o",
+                x,
+                kernel.astype(self.compute_dtype),
+                preferred_element_type=jnp.float32,
+            ).astype(self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(self.compute_dtype)
+        return y
+
+
+# -- rotary position embeddings ---------------------------------------------------------
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (f32 numpy), with Llama-3 / linear scaling."""
+    # numpy, not jnp: a constant of the module, computed once on the host.
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if not scaling:
+        return inv_freq.astype(np.float32)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).astype(np.float32)
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    if kind in (None, "default"):
+        return inv_freq.astype(np.float32)
+    raise ValueError(f"rope_scaling: unsupported rope_type {kind!r} (supported: linear, llama3)")
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates ``x [B, S, H, D]`` by ``positions [B, S]`` (half-split layout, as in HF)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+# -- attention and MLP -----------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """GQA self-attention through ``kernels.flash_attention`` (causal, RoPE)."""
+
+    def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.resolved_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        bias = config.attention_bias
+        self.q_proj = Linear(d, config.num_heads * hd, config=config, rngs=rngs, bias=bias)
+        self.k_proj = Linear(d, config.num_kv_heads * hd, config=config, rngs=rngs, bias=bias)
+        self.v_proj = Linear(d, config.num_kv_heads * hd, config=config, rngs=rngs, bias=bias)
+        self.o_proj = Linear(config.num_heads * hd, d, config=config, rngs=rngs)
+        self.inv_freq = rope_frequencies(hd, config.rope_theta, config.rope_scaling)
+        self.sliding_window = config.sliding_window
+        self.implementation = config.implementation
+        self.interpret = config.interpret_kernels
+
+    def project_qkv(self, x, positions):
+        """``x [B, S, d]`` -> roped ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
+
+    def __call__(self, x, positions, segment_ids=None):  # [B, S, d] -> [B, S, d]
+        b, s, _ = x.shape
+        q, k, v = self.project_qkv(x, positions)
+        out = kernels.flash_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            segment_ids=None if segment_ids is None else (segment_ids, segment_ids),
+            sliding_window=self.sliding_window,
+            implementation=self.implementation,
+            interpret=self.interpret,
+        )
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, config=config, rngs=rngs)
+        self.up_proj = Linear(d, f, config=config, rngs=rngs)
+        self.down_proj = Linear(f, d, config=config, rngs=rngs)
+
+    def __call__(self, x):  # [..., d] -> [..., d]
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,176 @@
+"""``CapibaraModel``: a Llama/Mistral/Qwen2/Mixtral-compatible decoder in Flax NNX.
+
+    tokens [B, S] -> CapibaraEmbedding -> TransformerStack (DecoderBlock x L) -> OutputHead
+                  -> logits [B, S, vocab] (f32), aux_losses {name: scalar}
+
+Every op goes through ``kernels`` with the one ``config.implementation`` setting
+(flash attention; block-sparse linears after ``capibara.sparsify``; grouped matmul in
+MoE layers), so the same model runs with ``xla``, ``reference`` or ``pallas``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from capibara.core import checkpoint
+from capibara.core.config import CapibaraConfig
+from capibara.core.layers import Attention, RMSNorm, SwiGLU, dtype_of
+
+
+class CapibaraEmbedding(nnx.Module):
+    """Token embedding ``[vocab, d]``; also the output projection when embeddings are tied."""
+
+    def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=1.0)
+        shape = (config.vocab_size, config.hidden_size)
+        self.embedding = nnx.Param(init(rngs.params(), shape, dtype_of(config.param_dtype)))
+        self.compute_dtype = dtype_of(config.compute_dtype)
+
+    def __call__(self, tokens):  # int [B, S] -> [B, S, d]
+        return jnp.take(self.embedding.get_value(), tokens, axis=0).astype(self.compute_dtype)
+
+    def attend(self, x):  # [B, S, d] -> f32 [B, S, vocab]
+        table = self.embedding.get_value().astype(self.compute_dtype)
+        return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))`` (SwiGLU or MoE)."""
+
+    def __init__(self, config: CapibaraConfig, layer: int, *, rngs: nnx.Rngs):
+        param_dtype = dtype_of(config.param_dtype)
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, eps=config.norm_eps, param_dtype=param_dtype
+        )
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.norm_eps, param_dtype=param_dtype
+        )
+        self.is_moe = config.is_moe_layer(layer)
+        if self.is_moe:
+            from capibara.core.model_moe import make_moe_block
+
+            self.mlp = make_moe_block(config, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(config, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids=None, *, training=False, padding_mask=None):
+        """``x [B, S, d]`` -> (``[B, S, d]``, aux_losses dict)."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            from capibara.core.model_moe import run_moe_block
+
+            out, aux = run_moe_block(self.mlp, h, training=training, padding_mask=padding_mask)
+        else:
+            out, aux = self.mlp(h), {}
+        return x + out.astype(x.dtype), aux
+
+
+class TransformerStack(nnx.Module):
+    """``num_layers`` decoder blocks; their auxiliary losses are summed per name."""
+
+    def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [DecoderBlock(config, i, rngs=rngs) for i in range(config.num_layers)]
+        )
+
+    def __call__(self, x, positions, segment_ids=None, *, training=False, padding_mask=None):
+        aux_losses: dict[str, jax.Array] = {}
+        for layer in self.layers:
+            x, aux = layer(x, positions, segment_ids, training=training, padding_mask=padding_mask)
+            for name, value in aux.items():
+                aux_losses[name] = aux_losses.get(name, 0.0) + value
+        return x, aux_losses
+
+
+class OutputHead(nnx.Module):
+    """Final RMSNorm and the vocabulary projection (tied to the embedding, or its own)."""
+
+    def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
+        param_dtype = dtype_of(config.param_dtype)
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, param_dtype=param_dtype)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            init = nnx.initializers.normal(stddev=config.hidden_size**-0.5)
+            shape = (config.hidden_size, config.vocab_size)
+            self.lm_head = nnx.Param(init(rngs.params(), shape, param_dtype))
+        self.compute_dtype = dtype_of(config.compute_dtype)
+
+    def __call__(self, x, embedding: CapibaraEmbedding):  # [B, S, d] -> f32 [B, S, vocab]
+        x = self.norm(x)
+        if self.lm_head is None:
+            return embedding.attend(x)
+        head = self.lm_head.get_value().astype(self.compute_dtype)
+        return jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+
+
+class CapibaraModel(nnx.Module):
+    """The decoder-only language model.
+
+    Example:
+      model = CapibaraModel(preset("tiny"), rngs=nnx.Rngs(0))
+      logits, aux_losses = model(tokens)              # tokens int32 [B, S]
+    """
+
+    def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = CapibaraEmbedding(config, rngs=rngs)
+        self.stack = TransformerStack(config, rngs=rngs)
+        self.head = OutputHead(config, rngs=rngs)
+
+    def __call__(
+        self, tokens, *, positions=None, segment_ids=None, training=False, padding_mask=None
+    ):
+        """Runs the model.
+
+        Args:
+          tokens: int ``[B, S]``.
+          positions: int ``[B, S]`` RoPE positions; default ``arange(S)`` per row.
+          segment_ids: int ``[B, S]`` for packed sequences: a token attends only within
+            its own segment (positions should restart per segment).
+          training: routers add noise / update balancing state and report aux losses.
+          padding_mask: bool ``[B, S]``, True for padding: not counted in expert load.
+
+        Returns:
+          ``(logits f32 [B, S, vocab], aux_losses {name: f32 scalar})``.
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape={tokens.shape}")
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed(tokens)
+        x, aux_losses = self.stack(
+            x, positions, segment_ids, training=training, padding_mask=padding_mask
+        )
+        return self.head(x, self.embed), aux_losses
+
+    @classmethod
+    def from_pretrained(cls, path: str | pathlib.Path, *, seed: int = 0, **config_overrides):
+        """Loads a Hugging Face (Llama, Mistral, Mixtral, Qwen2) or Capibara checkpoint.
+
+        Args:
+          path: directory with ``config.json`` or ``capibara_config.json`` and
+            ``model.safetensors`` (or sharded ``model-0000x-of-0000y.safetensors`` with
+            their index).
+          seed: seeds parameters the checkpoint does not hold (none for a valid one).
+          config_overrides: config fields to change, e.g. ``implementation="xla"``.
+
+        Raises:
+          ValueError: naming the missing, unexpected or mis-shaped tensors.
+        """
+        directory = pathlib.Path(path)
+        config = checkpoint.load_config(directory, **config_overrides)
+        model = cls(config, rngs=nnx.Rngs(seed))
+        checkpoint.load_weights(model, checkpoint.read_safetensors(directory))
+        return model
+
+    def save_pretrained(self, path: str | pathlib.Path) -> None:
+        """Writes ``model.safetensors`` + ``capibara_config.json`` for ``from_pretrained``."""
+        checkpoint.save(self, path)
