@@ -21,6 +21,8 @@ nothing to attend to get ``lse = +inf``, so ``exp(s - lse) = 0`` there without a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -36,20 +38,47 @@ def _dot(a, b, contract):
     )
 
 
-def _blocks(spec: masks.MaskSpec, block_q: int):
-    """Host-side schedule: ``(a, b, lo, hi)`` per query block, with its key range."""
+# An unmasked middle narrower than this is folded into a masked piece: a separate
+# tiny dot costs more than masking its few columns.
+MIN_UNMASKED = 128
+
+
+def _pieces(spec: masks.MaskSpec, a: int, b: int, segments: bool):
+    """Key pieces ``(k0, k1, masked)`` of query rows ``[a, b)``, in key order.
+
+    Keys outside ``masks.key_range`` are skipped. Of the rest, ``[lo_in, hi_in)`` is
+    visible to *every* row (the last row's lower bound, the first row's upper bound:
+    both bounds only grow with the row), so it runs without the element mask; only
+    the window's left edge and the causal diagonal are masked pieces.
+    """
+    lo, hi = masks.key_range(spec, a, b)
+    if hi <= lo:
+        return []
+    if segments:
+        return [(lo, hi, True)]
+    lo_in = max(lo, masks.key_range(spec, b - 1, b)[0])
+    hi_in = min(hi, masks.key_range(spec, a, a + 1)[1])
+    if hi_in - lo_in < MIN_UNMASKED:
+        return [(lo, hi, masks.block_needs_mask(spec, a, b, lo, hi, segments=False))]
+    pieces = [(lo, lo_in, True), (lo_in, hi_in, False), (hi_in, hi, True)]
+    return [p for p in pieces if p[1] > p[0]]
+
+
+def _blocks(spec: masks.MaskSpec, block_q: int, segments: bool = False):
+    """Host-side schedule: ``(a, b, pieces)`` per query block ``[a, b)``."""
     out = []
     for a in range(0, spec.q_len, block_q):
         b = min(a + block_q, spec.q_len)
-        lo, hi = masks.key_range(spec, a, b)
-        out.append((a, b, lo, hi))
+        out.append((a, b, _pieces(spec, a, b, segments)))
     return out
 
 
 def computed_logits(spec: masks.MaskSpec, block_q: int) -> int:
     """Number of logits per (query head) the xla path computes: the cost estimate that
     shows fully masked blocks are skipped (compare with ``S · T``)."""
-    return sum((b - a) * (hi - lo) for a, b, lo, hi in _blocks(spec, block_q) if hi > lo)
+    return sum(
+        (b - a) * (k1 - k0) for a, b, pieces in _blocks(spec, block_q) for k0, k1, _ in pieces
+    )
 
 
 def _logits(qb, kb, spec, a, g, lo, hi, qs, ks, cap, needs_mask):
@@ -66,10 +95,6 @@ def _logits(qb, kb, spec, a, g, lo, hi, qs, ks, cap, needs_mask):
         q_seg = jnp.repeat(qs[a : a + rows // g], g)[:, None]
         keep = masks.visible(spec, q_pos, k_pos, q_seg, ks[lo:hi][None, :])
     return s, jnp.where(keep, s, masks.MASK_VALUE)
-
-
-def _needs_mask(spec, a, b, lo, hi, segments):
-    return masks.block_needs_mask(spec, a, b, lo, hi, segments=segments)
 
 
 def _q_groups(q, hkv):
@@ -116,26 +141,31 @@ def forward(q, k, v, q_seg, kv_seg, *, spec: masks.MaskSpec, scale: float, cap, 
     qg = qg * scale  # scale once on [S, D] rather than on every [S, T] logit
     qsg, ksg = _segments(q_seg, kv_seg, hkv)
     segmented = q_seg is not None
-    schedule = _blocks(spec, block_q)
+    schedule = _blocks(spec, block_q, segmented)
 
     def one_head(xs):
         qh, kh, vh, qs, ks = xs  # [S, G, D], [T, D], [T, D], [S], [T]
         outs, lses = [], []
-        for a, b, lo, hi in schedule:
+        for a, b, pieces in schedule:
             rows = (b - a) * g
-            if hi <= lo:  # every row of the block is fully masked: nothing computed
+            if not pieces:  # every row of the block is fully masked: nothing computed
                 outs.append(jnp.zeros((rows, d), _F32))
                 lses.append(jnp.full((rows,), jnp.inf, _F32))
                 continue
-            needs_mask = _needs_mask(spec, a, b, lo, hi, segmented)
             qb = qh[a:b].reshape(rows, d)
-            _, s = _logits(qb, kh[lo:hi], spec, a, g, lo, hi, qs, ks, cap, needs_mask)
-            m = jnp.max(s, axis=1, keepdims=True)
-            if needs_mask:  # a row may be all -inf: shift by 0 so exp gives 0, not NaN
+            logits = [
+                _logits(qb, kh[k0:k1], spec, a, g, k0, k1, qs, ks, cap, masked)[1]
+                for k0, k1, masked in pieces
+            ]
+            m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1, keepdims=True) for s in logits])
+            if any(masked for *_, masked in pieces):
+                # A row may be all -inf: shift by 0 so exp gives 0, not NaN.
                 m = jnp.where(m == masks.MASK_VALUE, 0.0, m)
-            p = jnp.exp(s - m)
-            denom = jnp.sum(p, axis=1, keepdims=True)
-            o = _dot(p, vh[lo:hi], (1, 0))  # "rn,nd->rd"
+            denom, o = 0.0, 0.0
+            for s, (k0, k1, _) in zip(logits, pieces, strict=True):
+                p = jnp.exp(s - m)
+                denom = denom + jnp.sum(p, axis=1, keepdims=True)
+                o = o + _dot(p, vh[k0:k1], (1, 0))  # "rn,nd->rd"
             # Normalize the [rows, D] output, not the [rows, n] probabilities.
             outs.append(o / jnp.where(denom == 0.0, 1.0, denom))
             lses.append(jnp.where(denom == 0.0, jnp.inf, m + jnp.log(denom))[:, 0])
@@ -163,28 +193,27 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, *, spec, scale: float, cap,
     delta = jnp.sum(dog * _q_groups(out, hkv), axis=-1)  # [B·Hkv, S, G]
     qsg, ksg = _segments(q_seg, kv_seg, hkv)
     segmented = q_seg is not None
-    schedule = _blocks(spec, block_q)
+    schedule = _blocks(spec, block_q, segmented)
 
     def one_head(xs):
         qh, kh, vh, qs, ks, doh, lh, dh = xs
         dqs = []
         dk = jnp.zeros((t_len, d), _F32)
         dv = jnp.zeros((t_len, d), _F32)
-        for a, b, lo, hi in schedule:
+        for a, b, pieces in schedule:
             rows = (b - a) * g
-            if hi <= lo:
-                dqs.append(jnp.zeros((rows, d), _F32))
-                continue
-            needs_mask = _needs_mask(spec, a, b, lo, hi, segmented)
             qb = qh[a:b].reshape(rows, d)
             dob = doh[a:b].reshape(rows, d)
-            s, s_masked = _logits(qb, kh[lo:hi], spec, a, g, lo, hi, qs, ks, cap, needs_mask)
-            p = jnp.exp(s_masked - lh[a:b].reshape(rows, 1))
-            dv = dv.at[lo:hi].add(_dot(p, dob, (0, 0)))  # "rn,rd->nd"
-            dp = _dot(dob, vh[lo:hi], (1, 1))  # "rd,nd->rn"
-            ds = masks.soft_cap_grad(p * (dp - dh[a:b].reshape(rows, 1)), s, cap)
-            dqs.append(_dot(ds, kh[lo:hi], (1, 0)) * scale)  # "rn,nd->rd"
-            dk = dk.at[lo:hi].add(_dot(ds, qb, (0, 0)))  # "rn,rd->nd" (qb carries scale)
+            dq = jnp.zeros((rows, d), _F32)
+            for k0, k1, masked in pieces:  # independent given lse: no rescaling
+                s, s_masked = _logits(qb, kh[k0:k1], spec, a, g, k0, k1, qs, ks, cap, masked)
+                p = jnp.exp(s_masked - lh[a:b].reshape(rows, 1))
+                dv = dv.at[k0:k1].add(_dot(p, dob, (0, 0)))  # "rn,rd->nd"
+                dp = _dot(dob, vh[k0:k1], (1, 1))  # "rd,nd->rn"
+                ds = masks.soft_cap_grad(p * (dp - dh[a:b].reshape(rows, 1)), s, cap)
+                dq = dq + _dot(ds, kh[k0:k1], (1, 0))  # "rn,nd->rd"
+                dk = dk.at[k0:k1].add(_dot(ds, qb, (0, 0)))  # "rn,rd->nd" (qb carries scale)
+            dqs.append(dq * scale)
         dq = jnp.concatenate(dqs, axis=0).reshape(s_len, g, d)
         return dq, dk, dv
 
