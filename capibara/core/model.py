@@ -19,6 +19,9 @@ from flax import nnx
 from capibara.core import checkpoint
 from capibara.core.config import CapibaraConfig
 from capibara.core.layers import Attention, RMSNorm, SwiGLU, dtype_of
+from capibara.core.mixture_of_depths import DualProcessRouter, DualProcessRouterConfig
+from capibara.core.model_moe import make_moe_block
+from capibara.core.router_base import RoutingContext
 
 
 class CapibaraEmbedding(nnx.Module):
@@ -39,7 +42,13 @@ class CapibaraEmbedding(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))`` (SwiGLU or MoE)."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))`` (SwiGLU or MoE).
+
+    In a Mixture-of-Depths layer (``config.mod_layers``) a ``DualProcessRouter`` sends
+    the top ``mod_capacity`` fraction of each sequence through this whole block (the
+    selected tokens attend among themselves, in order, at their original RoPE
+    positions) and the rest along the fast path.
+    """
 
     def __init__(self, config: CapibaraConfig, layer: int, *, rngs: nnx.Rngs):
         param_dtype = dtype_of(config.param_dtype)
@@ -51,24 +60,49 @@ class DecoderBlock(nnx.Module):
             config.hidden_size, eps=config.norm_eps, param_dtype=param_dtype
         )
         self.is_moe = config.is_moe_layer(layer)
-        if self.is_moe:
-            from capibara.core.model_moe import make_moe_block
-
-            self.mlp = make_moe_block(config, rngs=rngs)
+        self.mlp = make_moe_block(config, rngs=rngs) if self.is_moe else SwiGLU(config, rngs=rngs)
+        if layer in config.mod_layers:
+            mod_config = DualProcessRouterConfig(
+                capacity=config.mod_capacity, fast_path=config.mod_fast_path
+            )
+            self.mod_router = DualProcessRouter(config.hidden_size, mod_config, rngs=rngs)
         else:
-            self.mlp = SwiGLU(config, rngs=rngs)
+            self.mod_router = None
+
+    def _update(self, x, positions, segment_ids, context):
+        """What the block adds to ``x [B, S, d]``, and the MoE aux losses."""
+        h = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+        normed = self.post_attention_layernorm(h)
+        if self.is_moe:
+            out, routing = self.mlp(normed, context)
+            aux = routing.aux_losses
+        else:
+            out, aux = self.mlp(normed), {}
+        return h + out.astype(h.dtype) - x, aux
 
     def __call__(self, x, positions, segment_ids=None, *, training=False, padding_mask=None):
         """``x [B, S, d]`` -> (``[B, S, d]``, aux_losses dict)."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            from capibara.core.model_moe import run_moe_block
+        context = RoutingContext(training=training, padding_mask=padding_mask)
+        if self.mod_router is None:
+            update, aux = self._update(x, positions, segment_ids, context)
+            return x + update, aux
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed sequences) are not supported in MoD layers")
+        inner_aux: dict[str, jax.Array] = {}
 
-            out, aux = run_moe_block(self.mlp, h, training=training, padding_mask=padding_mask)
-        else:
-            out, aux = self.mlp(h), {}
-        return x + out.astype(x.dtype), aux
+        def slow_fn(x_slow, index):  # [B, c, d], int [B, c] -> [B, c, d]
+            # The slow tokens' MoE sees no padding: MoD already routed padding to "fast".
+            update, aux = self._update(
+                x_slow,
+                jnp.take_along_axis(positions, index, axis=1),
+                None,
+                RoutingContext(training=training),
+            )
+            inner_aux.update(aux)
+            return update
+
+        y, routing = self.mod_router(x, slow_fn, context)
+        return y, {**inner_aux, **routing.aux_losses}
 
 
 class TransformerStack(nnx.Module):

@@ -7,7 +7,6 @@ from flax import nnx
 from capibara.core.config import CapibaraConfig
 from capibara.core.layers import dtype_of
 from capibara.core.moe import MoEBlock, MoEBlockConfig
-from capibara.core.router_base import RoutingContext
 from capibara.core.token_routers import ExpertChoiceRouterConfig, TokenRouterConfig
 
 
@@ -41,9 +40,3 @@ def make_moe_block(config: CapibaraConfig, *, rngs: nnx.Rngs) -> MoEBlock:
         interpret=config.interpret_kernels,
     )
     return MoEBlock(block_config, rngs=rngs, param_dtype=dtype_of(config.param_dtype))
-
-
-def run_moe_block(block: MoEBlock, h, *, training: bool, padding_mask):
-    """``h [B, S, d]`` -> (update ``[B, S, d]``, aux_losses)."""
-    update, routing = block(h, RoutingContext(training=training, padding_mask=padding_mask))
-    return update, routing.aux_losses
