@@ -1,0 +1,76 @@
+"""capibara.shard on 32 simulated CPU devices: same logits as one device, weights split.
+
+XLA fixes the host device count when it starts, so the check runs in a subprocess
+with ``--xla_force_host_platform_device_count=32``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from capibara.core.config import preset
+    from capibara.core.model import CapibaraModel
+    from capibara.sharding import batch_sharding, make_mesh, shard
+
+    config = preset("tiny-moe", implementation="xla")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16)), jnp.int32)
+    single, _ = CapibaraModel(config, rngs=nnx.Rngs(0))(tokens)
+    results = {"devices": len(jax.devices())}
+    for shape, axes in [((4, 8), ("data", "model")), ((2, 4), ("data", "model")),
+                        ((2, 2, 2), ("data", "model", "expert"))]:
+        model = CapibaraModel(config, rngs=nnx.Rngs(0))
+        mesh = make_mesh(shape, axes)
+        specs = shard(model, mesh)
+        logits = nnx.jit(lambda m, t: m(t)[0])(model, jax.device_put(tokens, batch_sharding(mesh)))
+        up = model.stack.layers[0].mlp.w_gate_up.get_value()
+        q = model.stack.layers[0].self_attn.q_proj.kernel.get_value()
+        results[str(shape)] = {
+            "max_diff": float(jnp.max(jnp.abs(logits - single))),
+            "q_proj_spec": [str(a) for a in specs["stack.layers.0.self_attn.q_proj.kernel"]],
+            "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
+            "w_gate_up_shard_shape": list(up.addressable_shards[0].data.shape),
+            "q_proj_devices": len(q.sharding.device_set),
+        }
+    print("RESULT" + json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+def test_runs_on_32_devices(results):
+    assert results["devices"] == 32
+
+
+@pytest.mark.parametrize("mesh", ["(4, 8)", "(2, 4)", "(2, 2, 2)"])
+def test_sharded_logits_equal_one_device(results, mesh):
+    assert results[mesh]["max_diff"] <= 1e-4
+
+
+def test_parameters_are_really_split(results):
+    # q_proj [64, 64]: output dim over "model"; the tiny-moe experts [4, 64, 256].
+    assert results["(4, 8)"]["q_proj_spec"] == ["None", "model"]
+    assert results["(4, 8)"]["q_proj_shard_shape"] == [64, 8]
+    assert results["(4, 8)"]["q_proj_devices"] == 32
+    assert results["(2, 4)"]["q_proj_shard_shape"] == [64, 16]
+    assert results["(2, 2, 2)"]["w_gate_up_shard_shape"] == [2, 64, 128]
