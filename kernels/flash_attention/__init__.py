@@ -11,8 +11,9 @@ backward kernel recomputes probabilities from the saved log-sum-exp).
 
 Implementations (``implementation=``):
   * ``"reference"``: materialized ``[B, H, S, T]`` scores; the oracle (plain autodiff).
-  * ``"xla"``: q-block triangles of 2-D dots with key ranges fixed on the host, so
-    fully masked causal/windowed blocks are never computed; memory O(S·block).
+  * ``"xla"``: 2-D dots over query blocks and key chunks with an online softmax; the
+    host fixes each block's chunk range, so fully masked causal/windowed chunks are
+    never computed; memory O(S·block).
     The CPU/GPU default.
   * ``"pallas"``: Mosaic TPU kernels (forward, dq, dk/dv) walking a host-built list of
     the visible (query tile, key tile) pairs by scalar prefetch; fully masked tiles
@@ -44,16 +45,18 @@ class BlockSizes:
       block_q: query tile of the Pallas kernels (multiple of 8, the TPU sublane).
       block_k: key tile of the Pallas kernels (multiple of 8; TPU lowering wants a
         multiple of 128 unless one tile covers all keys).
-      xla_block_q: query positions per block of the xla path; each block is one dot
-        of ``xla_block_q · Hq/Hkv`` rows, so GQA groups shrink it to keep rows bounded.
+      xla_block_q: rows per dot of the xla path: a block holds ``xla_block_q / G``
+        query positions of the ``G = Hq/Hkv`` heads sharing a kv head.
+      xla_block_k: keys per step of the xla path (its logits are ``[rows, xla_block_k]``).
     """
 
     block_q: int = 512
     block_k: int = 512
     xla_block_q: int = 256
+    xla_block_k: int = 512
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "xla_block_q"):
+        for name in ("block_q", "block_k", "xla_block_q", "xla_block_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {name}={value}")
@@ -163,7 +166,8 @@ def flash_attention(
         else:
             # Keep the rows of one dot (positions x grouped heads) near xla_block_q.
             block_q = max(8, block_sizes.xla_block_q // (hq // hkv))
-            block_k = 0
+            block_q = min(block_q, _round_up(s, 8))
+            block_k = min(block_sizes.xla_block_k, _round_up(t, 8))
         cfg = ops.OpConfig(spec, scale, cap, backend, block_q, block_k, interpret)
         return ops.attention(q, k, v, q_seg, kv_seg, cfg)
 

@@ -24,7 +24,7 @@ class OpConfig:
     cap: float | None
     backend: str  # "xla" | "pallas"
     block_q: int  # xla: query positions per block; pallas: query tile
-    block_k: int  # pallas: key tile (unused by xla)
+    block_k: int  # xla: keys per chunk; pallas: key tile
     interpret: bool = False
 
 
@@ -34,7 +34,7 @@ def _forward(q, k, v, q_seg, kv_seg, cfg: OpConfig):
         return pallas_tpu.forward(
             q, k, v, q_seg, kv_seg, block_k=cfg.block_k, interpret=cfg.interpret, **kw
         )
-    return xla.forward(q, k, v, q_seg, kv_seg, **kw)
+    return xla.forward(q, k, v, q_seg, kv_seg, chunk=cfg.block_k, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -66,7 +66,7 @@ def _attention_bwd(cfg, residuals, dout):
             **kw,
         )
     else:
-        dq, dk, dv = xla.backward(q, k, v, q_seg, kv_seg, out, lse, dout, **kw)
+        dq, dk, dv = xla.backward(q, k, v, q_seg, kv_seg, out, lse, dout, chunk=cfg.block_k, **kw)
     # Segment ids are integers: no cotangent.
     return dq, dk, dv, None, None
 

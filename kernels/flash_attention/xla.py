@@ -1,30 +1,32 @@
-"""The fast CPU path: q-block triangles of 2-D dots, with key ranges fixed on the host.
+"""The fast CPU path: 2-D dots over query blocks and key chunks, in bounded memory.
 
-XLA on CPU runs 2-D dots several times faster than batched ones, so the work is a
-``lax.scan`` over (batch, kv head) pairs whose body is a static Python loop over query
-blocks. For query block ``[a, b)`` the host computes (``masks.key_range``) the only
-keys any of its rows may see under causal/window masking; keys outside are never
-multiplied -- a fully masked block costs nothing, and a block that is fully visible
-runs without an element mask (``masks.block_needs_mask``).
+XLA on CPU runs 2-D dots several times faster than batched ones, so every dot here is
+2-D: a ``lax.map`` over (batch, kv head) pairs, a ``lax.scan`` over query blocks, and
+``fori_loop``s over key chunks with an online softmax (f32 statistics). Memory is
+O(rows · chunk) for the logits -- O(S · block) overall, never O(S · T).
+
+Fully masked chunks are skipped, not computed then masked: for each query block the
+host computes (``masks.key_range``) the chunks ``[c0, c1)`` any of its rows may see
+under causal/window masking, and the loops run only over those (dynamic trip counts).
+Inside that range, chunks visible to every row of the block (``[u0, u1)``) run
+without the element mask; only the window's left edge, the causal diagonal and key
+padding are masked (``masks.block_needs_mask``). With segment ids every chunk is masked.
 
 GQA without repeating k/v: the ``G = Hq / Hkv`` query heads that share a kv head are
-stacked as rows, ``[bq, G, D] -> [bq·G, D]``, so each block is one ``[bq·G, D] @ [D, n]``
-dot against the kv head's keys. Row ``r`` of a block is query ``a + r // G``.
+stacked as rows, ``[bq, G, D] -> [bq·G, D]``, so each step is one ``[bq·G, D] @ [D, C]``
+dot against the kv head's chunk. Row ``r`` of a block is query ``a + r // G``.
 
-Within a block the softmax is exact over the block's key range (no online rescaling:
-one pass over ``n <= T`` keys), in f32. Memory is O(bq·G·T) per block -- O(S·block),
-never the O(S·T) of materialized scores.
-
-The log-sum-exp ``lse [B·Hkv, S, G]`` (f32) is saved for the backward pass. Rows with
+The log-sum-exp ``lse [B·Hkv, Sp, G]`` (f32) is saved for the backward pass. Rows with
 nothing to attend to get ``lse = +inf``, so ``exp(s - lse) = 0`` there without a guard.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.flash_attention import masks
 
@@ -38,91 +40,141 @@ def _dot(a, b, contract):
     )
 
 
-# An unmasked middle narrower than this is folded into a masked piece: a separate
-# tiny dot costs more than masking its few columns.
-MIN_UNMASKED = 128
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Host-side schedule: per query block, its key chunks (numpy int32 ``[nq]`` each).
 
-
-def _pieces(spec: masks.MaskSpec, a: int, b: int, segments: bool):
-    """Key pieces ``(k0, k1, masked)`` of query rows ``[a, b)``, in key order.
-
-    Keys outside ``masks.key_range`` are skipped. Of the rest, ``[lo_in, hi_in)`` is
-    visible to *every* row (the last row's lower bound, the first row's upper bound:
-    both bounds only grow with the row), so it runs without the element mask; only
-    the window's left edge and the causal diagonal are masked pieces.
+    Chunks ``[c0, c1)`` may be visible; ``[u0, u1)`` (inside) are visible to every
+    row and run unmasked; ``[c0, u0)`` and ``[u1, c1)`` run masked.
     """
-    lo, hi = masks.key_range(spec, a, b)
-    if hi <= lo:
-        return []
-    if segments:
-        return [(lo, hi, True)]
-    lo_in = max(lo, masks.key_range(spec, b - 1, b)[0])
-    hi_in = min(hi, masks.key_range(spec, a, a + 1)[1])
-    if hi_in - lo_in < MIN_UNMASKED:
-        return [(lo, hi, masks.block_needs_mask(spec, a, b, lo, hi, segments=False))]
-    pieces = [(lo, lo_in, True), (lo_in, hi_in, False), (hi_in, hi, True)]
-    return [p for p in pieces if p[1] > p[0]]
+
+    c0: np.ndarray
+    u0: np.ndarray
+    u1: np.ndarray
+    c1: np.ndarray
 
 
-def _blocks(spec: masks.MaskSpec, block_q: int, segments: bool = False):
-    """Host-side schedule: ``(a, b, pieces)`` per query block ``[a, b)``."""
-    out = []
+def plan(spec: masks.MaskSpec, block_q: int, chunk: int, segments: bool) -> Plan:
+    """Builds the ``Plan`` for query blocks of ``block_q`` rows and key chunks of ``chunk``."""
+    rows = []
     for a in range(0, spec.q_len, block_q):
         b = min(a + block_q, spec.q_len)
-        out.append((a, b, _pieces(spec, a, b, segments)))
-    return out
+        lo, hi = masks.key_range(spec, a, b)
+        if hi <= lo:  # no row of the block sees anything: zero chunks
+            rows.append((0, 0, 0, 0))
+            continue
+        c0, c1 = lo // chunk, -(-hi // chunk)
+        inner = [
+            j
+            for j in range(c0, c1)
+            if not masks.block_needs_mask(spec, a, b, j * chunk, (j + 1) * chunk, segments=segments)
+        ]
+        # Unmasked chunks form one contiguous run (bounds move monotonically with rows).
+        u0, u1 = (inner[0], inner[-1] + 1) if inner else (c1, c1)
+        rows.append((c0, u0, u1, c1))
+    c0, u0, u1, c1 = (np.asarray(c, np.int32) for c in zip(*rows, strict=True))
+    return Plan(c0, u0, u1, c1)
 
 
-def computed_logits(spec: masks.MaskSpec, block_q: int) -> int:
-    """Number of logits per (query head) the xla path computes: the cost estimate that
-    shows fully masked blocks are skipped (compare with ``S · T``)."""
-    return sum(
-        (b - a) * (k1 - k0) for a, b, pieces in _blocks(spec, block_q) for k0, k1, _ in pieces
-    )
+def computed_logits(spec: masks.MaskSpec, block_q: int, chunk: int = 512) -> int:
+    """Logits per query head the xla path computes: the cost estimate that shows fully
+    masked chunks are skipped (compare with ``S · T``)."""
+    p = plan(spec, block_q, chunk, segments=False)
+    return int(block_q * chunk * (p.c1 - p.c0).sum())
 
 
-def _logits(qb, kb, spec, a, g, lo, hi, qs, ks, cap, needs_mask):
-    """Capped logits ``[rows, n]`` of one block and its masked copy (-inf where hidden)."""
-    s = masks.soft_cap(_dot(qb, kb, (1, 1)), cap)  # "rd,nd->rn"
-    if not needs_mask:
-        return s, s
-    rows, n = s.shape
-    q_pos = a + jnp.arange(rows, dtype=jnp.int32)[:, None] // g
-    k_pos = lo + jnp.arange(n, dtype=jnp.int32)[None, :]
-    if qs is None:
-        keep = masks.visible(spec, q_pos, k_pos)
-    else:
-        q_seg = jnp.repeat(qs[a : a + rows // g], g)[:, None]
-        keep = masks.visible(spec, q_pos, k_pos, q_seg, ks[lo:hi][None, :])
-    return s, jnp.where(keep, s, masks.MASK_VALUE)
-
-
-def _q_groups(q, hkv):
-    """``[B, S, Hq, D] -> [B·Hkv, S, G, D]`` in f32."""
+def _q_groups(q, hkv, s_pad):
+    """``[B, S, Hq, D] -> [B·Hkv, Sp, G, D]`` in f32, rows zero-padded to ``Sp``."""
     b, s, hq, d = q.shape
-    qg = q.reshape(b, s, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
-    return qg.reshape(b * hkv, s, hq // hkv, d).astype(_F32)
+    q = jnp.pad(q, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+    qg = q.reshape(b, s_pad, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
+    return qg.reshape(b * hkv, s_pad, hq // hkv, d).astype(_F32)
 
 
-def _kv_groups(k):
-    """``[B, T, Hkv, D] -> [B·Hkv, T, D]`` in f32."""
+def _kv_groups(k, t_pad):
+    """``[B, T, Hkv, D] -> [B·Hkv, Tp, D]`` in f32, keys zero-padded to ``Tp``."""
     b, t, hkv, d = k.shape
-    return k.transpose(0, 2, 1, 3).reshape(b * hkv, t, d).astype(_F32)
+    k = jnp.pad(k, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
+    return k.transpose(0, 2, 1, 3).reshape(b * hkv, t_pad, d).astype(_F32)
 
 
-def _from_groups(x, b, hkv):
-    """``[B·Hkv, S, G, D] -> [B, S, Hq, D]``."""
-    _, s, g, d = x.shape
+def _from_groups(x, b, hkv, s):
+    """``[B·Hkv, Sp, G, D] -> [B, S, Hq, D]``."""
+    _, _, g, d = x.shape
+    x = x[:, :s]
     return x.reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4).reshape(b, s, hkv * g, d)
 
 
-def _segments(q_seg, kv_seg, hkv):
+def _segments(q_seg, kv_seg, hkv, s_pad, t_pad):
+    """Per (batch, kv head) segment ids, padded (padding is masked by position anyway)."""
     if q_seg is None:
         return None, None
-    return jnp.repeat(q_seg, hkv, axis=0), jnp.repeat(kv_seg, hkv, axis=0)
+    qs = jnp.pad(q_seg, ((0, 0), (0, s_pad - q_seg.shape[1])))
+    ks = jnp.pad(kv_seg, ((0, 0), (0, t_pad - kv_seg.shape[1])))
+    return jnp.repeat(qs, hkv, axis=0), jnp.repeat(ks, hkv, axis=0)
 
 
-def forward(q, k, v, q_seg, kv_seg, *, spec: masks.MaskSpec, scale: float, cap, block_q: int):
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """What one query block's chunk steps share (traced values, built per block)."""
+
+    spec: masks.MaskSpec
+    cap: float | None
+    chunk: int
+    q: jax.Array  # [rows, D], pre-scaled
+    q_pos: jax.Array  # [rows, 1] query row of each stacked row
+    q_seg: jax.Array | None  # [rows, 1]
+    k: jax.Array  # [Tp, D] of the kv head
+    v: jax.Array
+    k_seg: jax.Array | None  # [Tp]
+
+    def logits(self, j, masked: bool):
+        """Capped logits ``[rows, C]`` of chunk ``j``, their masked copy, and the chunk."""
+        kc = jax.lax.dynamic_slice_in_dim(self.k, j * self.chunk, self.chunk)
+        vc = jax.lax.dynamic_slice_in_dim(self.v, j * self.chunk, self.chunk)
+        s = masks.soft_cap(_dot(self.q, kc, (1, 1)), self.cap)  # "rd,cd->rc"
+        if not masked:
+            return s, s, kc, vc
+        k_pos = j * self.chunk + jnp.arange(self.chunk, dtype=jnp.int32)[None, :]
+        if self.q_seg is None:
+            keep = masks.visible(self.spec, self.q_pos, k_pos)
+        else:
+            kseg = jax.lax.dynamic_slice_in_dim(self.k_seg, j * self.chunk, self.chunk)
+            keep = masks.visible(self.spec, self.q_pos, k_pos, self.q_seg, kseg[None, :])
+        return s, jnp.where(keep, s, masks.MASK_VALUE), kc, vc
+
+
+def _scan_xs(p: Plan):
+    """Scan inputs: ``(block index, (c0, u0, u1, c1))`` per query block."""
+    return jnp.arange(len(p.c0), dtype=jnp.int32), tuple(map(jnp.asarray, (p.c0, p.u0, p.u1, p.c1)))
+
+
+def _chunk_loops(bounds, body, carry):
+    """Runs ``body(j, carry, masked)`` over a block's chunks: masked, unmasked, masked."""
+    c0, u0, u1, c1 = bounds
+    carry = jax.lax.fori_loop(c0, u0, lambda j, c: body(j, c, True), carry)
+    carry = jax.lax.fori_loop(u0, u1, lambda j, c: body(j, c, False), carry)
+    return jax.lax.fori_loop(u1, c1, lambda j, c: body(j, c, True), carry)
+
+
+def _block_inputs(qh, qs, i, block_q, g, d):
+    rows = block_q * g
+    qb = jax.lax.dynamic_slice_in_dim(qh, i * block_q, block_q).reshape(rows, d)
+    q_pos = i * block_q + jnp.arange(rows, dtype=jnp.int32)[:, None] // g
+    q_seg = None
+    if qs is not None:
+        q_seg = jnp.repeat(jax.lax.dynamic_slice_in_dim(qs, i * block_q, block_q), g)[:, None]
+    return qb, q_pos, q_seg
+
+
+def _sizes(q, k, block_q, chunk):
+    s, t = q.shape[1], k.shape[1]
+    return -(-s // block_q) * block_q, -(-t // chunk) * chunk
+
+
+def forward(
+    q, k, v, q_seg, kv_seg, *, spec: masks.MaskSpec, scale: float, cap, block_q: int, chunk: int
+):
     """Attention forward.
 
     Args:
@@ -130,95 +182,116 @@ def forward(q, k, v, q_seg, kv_seg, *, spec: masks.MaskSpec, scale: float, cap, 
         int32 or both ``None``.
       spec, scale, cap: mask structure, logit scale, soft-cap (or ``None``).
       block_q: query positions per block (rows per dot = ``block_q · G``).
+      chunk: keys per step.
 
     Returns:
-      ``(out [B, S, Hq, D] in q.dtype, lse [B·Hkv, S, G] f32)``.
+      ``(out [B, S, Hq, D] in q.dtype, lse [B·Hkv, Sp, G] f32)``.
     """
     bsz, s_len, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    qg, kg, vg = _q_groups(q, hkv), _kv_groups(k), _kv_groups(v)
-    qg = qg * scale  # scale once on [S, D] rather than on every [S, T] logit
-    qsg, ksg = _segments(q_seg, kv_seg, hkv)
-    segmented = q_seg is not None
-    schedule = _blocks(spec, block_q, segmented)
+    s_pad, t_pad = _sizes(q, k, block_q, chunk)
+    # Scale once on [S, D] rather than on every [S, T] logit.
+    qg = _q_groups(q, hkv, s_pad) * scale
+    kg, vg = _kv_groups(k, t_pad), _kv_groups(v, t_pad)
+    qsg, ksg = _segments(q_seg, kv_seg, hkv, s_pad, t_pad)
+    p = plan(spec, block_q, chunk, q_seg is not None)
+    rows = block_q * g
 
     def one_head(xs):
-        qh, kh, vh, qs, ks = xs  # [S, G, D], [T, D], [T, D], [S], [T]
-        outs, lses = [], []
-        for a, b, pieces in schedule:
-            rows = (b - a) * g
-            if not pieces:  # every row of the block is fully masked: nothing computed
-                outs.append(jnp.zeros((rows, d), _F32))
-                lses.append(jnp.full((rows,), jnp.inf, _F32))
-                continue
-            qb = qh[a:b].reshape(rows, d)
-            logits = [
-                _logits(qb, kh[k0:k1], spec, a, g, k0, k1, qs, ks, cap, masked)[1]
-                for k0, k1, masked in pieces
-            ]
-            m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1, keepdims=True) for s in logits])
-            if any(masked for *_, masked in pieces):
-                # A row may be all -inf: shift by 0 so exp gives 0, not NaN.
-                m = jnp.where(m == masks.MASK_VALUE, 0.0, m)
-            denom, o = 0.0, 0.0
-            for s, (k0, k1, _) in zip(logits, pieces, strict=True):
-                p = jnp.exp(s - m)
-                denom = denom + jnp.sum(p, axis=1, keepdims=True)
-                o = o + _dot(p, vh[k0:k1], (1, 0))  # "rn,nd->rd"
-            # Normalize the [rows, D] output, not the [rows, n] probabilities.
-            outs.append(o / jnp.where(denom == 0.0, 1.0, denom))
-            lses.append(jnp.where(denom == 0.0, jnp.inf, m + jnp.log(denom))[:, 0])
-        out = jnp.concatenate(outs, axis=0).reshape(s_len, g, d)
-        lse = jnp.concatenate(lses, axis=0).reshape(s_len, g)
-        return out, lse
+        qh, kh, vh, qs, ks = xs  # [Sp, G, D], [Tp, D], [Tp, D], [Sp], [Tp]
+
+        def q_block(_, xs):
+            i, bounds = xs
+            qb, q_pos, q_seg_b = _block_inputs(qh, qs, i, block_q, g, d)
+            blk = _Block(spec, cap, chunk, qb, q_pos, q_seg_b, kh, vh, ks)
+
+            def step(j, carry, masked):
+                m, denom, acc = carry  # [rows, 1], [rows, 1], [rows, D]
+                _, s, _, vc = blk.logits(j, masked)
+                m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+                # Rows that have seen only -inf so far shift by 0: exp(-inf) = 0, no NaN.
+                m_safe = jnp.where(m_next == masks.MASK_VALUE, 0.0, m_next)
+                alpha = jnp.exp(m - m_safe)
+                pr = jnp.exp(s - m_safe)
+                denom = alpha * denom + jnp.sum(pr, axis=1, keepdims=True)
+                acc = alpha * acc + _dot(pr, vc, (1, 0))  # "rc,cd->rd"
+                return m_next, denom, acc
+
+            init = (
+                jnp.full((rows, 1), masks.MASK_VALUE, _F32),
+                jnp.zeros((rows, 1), _F32),
+                jnp.zeros((rows, d), _F32),
+            )
+            m, denom, acc = _chunk_loops(bounds, step, init)
+            empty = denom == 0.0  # the row saw no key: output 0, lse +inf (so bwd p = 0)
+            out = acc / jnp.where(empty, 1.0, denom)
+            lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, denom)))
+            return None, (out.reshape(block_q, g, d), lse.reshape(block_q, g))
+
+        _, (out, lse) = jax.lax.scan(q_block, None, _scan_xs(p))
+        return out.reshape(s_pad, g, d), lse.reshape(s_pad, g)
 
     out, lse = jax.lax.map(one_head, (qg, kg, vg, qsg, ksg))
-    return _from_groups(out, bsz, hkv).astype(q.dtype), lse
+    return _from_groups(out, bsz, hkv, s_len).astype(q.dtype), lse
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, dout, *, spec, scale: float, cap, block_q: int):
+def backward(
+    q, k, v, q_seg, kv_seg, out, lse, dout, *, spec, scale: float, cap, block_q: int, chunk: int
+):
     """Gradients ``(dq, dk, dv)`` from the saved ``lse`` (no [S, T] matrix is kept).
 
-    Per block: ``p = exp(s - lse)``, ``dv += pᵀ·do``, ``ds = p ∘ (do·vᵀ - δ)`` with
-    ``δ = rowsum(do ∘ o)``, then through the soft-cap, ``dq = ds·k``, ``dk += dsᵀ·q``
+    Per step: ``p = exp(s - lse)``, ``dv += pᵀ·do``, ``ds = p ∘ (do·vᵀ - δ)`` with
+    ``δ = rowsum(do ∘ o)``, then through the soft-cap, ``dq += ds·k``, ``dk += dsᵀ·q``
     (both times ``scale``). dk, dv of a kv head sum over its ``G`` query heads for free:
     those are rows of the same dot.
     """
     bsz, s_len, hq, d = q.shape
     t_len, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    qg, kg, vg = _q_groups(q, hkv) * scale, _kv_groups(k), _kv_groups(v)
-    dog = _q_groups(dout, hkv)
-    delta = jnp.sum(dog * _q_groups(out, hkv), axis=-1)  # [B·Hkv, S, G]
-    qsg, ksg = _segments(q_seg, kv_seg, hkv)
-    segmented = q_seg is not None
-    schedule = _blocks(spec, block_q, segmented)
+    s_pad, t_pad = _sizes(q, k, block_q, chunk)
+    qg = _q_groups(q, hkv, s_pad) * scale
+    kg, vg = _kv_groups(k, t_pad), _kv_groups(v, t_pad)
+    dog = _q_groups(dout, hkv, s_pad)
+    delta = jnp.sum(dog * _q_groups(out, hkv, s_pad), axis=-1)  # [B·Hkv, Sp, G]
+    qsg, ksg = _segments(q_seg, kv_seg, hkv, s_pad, t_pad)
+    p = plan(spec, block_q, chunk, q_seg is not None)
+    rows = block_q * g
 
     def one_head(xs):
         qh, kh, vh, qs, ks, doh, lh, dh = xs
-        dqs = []
-        dk = jnp.zeros((t_len, d), _F32)
-        dv = jnp.zeros((t_len, d), _F32)
-        for a, b, pieces in schedule:
-            rows = (b - a) * g
-            qb = qh[a:b].reshape(rows, d)
-            dob = doh[a:b].reshape(rows, d)
-            dq = jnp.zeros((rows, d), _F32)
-            for k0, k1, masked in pieces:  # independent given lse: no rescaling
-                s, s_masked = _logits(qb, kh[k0:k1], spec, a, g, k0, k1, qs, ks, cap, masked)
-                p = jnp.exp(s_masked - lh[a:b].reshape(rows, 1))
-                dv = dv.at[k0:k1].add(_dot(p, dob, (0, 0)))  # "rn,rd->nd"
-                dp = _dot(dob, vh[k0:k1], (1, 1))  # "rd,nd->rn"
-                ds = masks.soft_cap_grad(p * (dp - dh[a:b].reshape(rows, 1)), s, cap)
-                dq = dq + _dot(ds, kh[k0:k1], (1, 0))  # "rn,nd->rd"
-                dk = dk.at[k0:k1].add(_dot(ds, qb, (0, 0)))  # "rn,rd->nd" (qb carries scale)
-            dqs.append(dq * scale)
-        dq = jnp.concatenate(dqs, axis=0).reshape(s_len, g, d)
-        return dq, dk, dv
+
+        def q_block(dkv, xs):
+            i, bounds = xs
+            qb, q_pos, q_seg_b = _block_inputs(qh, qs, i, block_q, g, d)
+            blk = _Block(spec, cap, chunk, qb, q_pos, q_seg_b, kh, vh, ks)
+            dob = jax.lax.dynamic_slice_in_dim(doh, i * block_q, block_q).reshape(rows, d)
+            lse_b = jax.lax.dynamic_slice_in_dim(lh, i * block_q, block_q).reshape(rows, 1)
+            delta_b = jax.lax.dynamic_slice_in_dim(dh, i * block_q, block_q).reshape(rows, 1)
+
+            def step(j, carry, masked):
+                dq, dk, dv = carry
+                s, s_masked, kc, vc = blk.logits(j, masked)
+                pr = jnp.exp(s_masked - lse_b)
+                dp = _dot(dob, vc, (1, 1))  # "rd,cd->rc"
+                ds = masks.soft_cap_grad(pr * (dp - delta_b), s, cap)
+                dq = dq + _dot(ds, kc, (1, 0))  # "rc,cd->rd"
+                at = j * chunk
+                dv_c = jax.lax.dynamic_slice_in_dim(dv, at, chunk) + _dot(pr, dob, (0, 0))
+                dk_c = jax.lax.dynamic_slice_in_dim(dk, at, chunk) + _dot(ds, qb, (0, 0))
+                dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_c, at, 0)  # "rc,rd->cd"
+                dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c, at, 0)  # qb carries scale
+                return dq, dk, dv
+
+            dq, dk, dv = _chunk_loops(bounds, step, (jnp.zeros((rows, d), _F32), *dkv))
+            return (dk, dv), (dq * scale).reshape(block_q, g, d)
+
+        zeros = jnp.zeros((t_pad, d), _F32)
+        (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), _scan_xs(p))
+        return dq.reshape(s_pad, g, d), dk, dv
 
     dq, dk, dv = jax.lax.map(one_head, (qg, kg, vg, qsg, ksg, dog, lse, delta))
-    dq = _from_groups(dq, bsz, hkv).astype(q.dtype)
-    dk = dk.reshape(bsz, hkv, t_len, d).transpose(0, 2, 1, 3).astype(k.dtype)
-    dv = dv.reshape(bsz, hkv, t_len, d).transpose(0, 2, 1, 3).astype(v.dtype)
+    dq = _from_groups(dq, bsz, hkv, s_len).astype(q.dtype)
+    dk = dk[:, :t_len].reshape(bsz, hkv, t_len, d).transpose(0, 2, 1, 3).astype(k.dtype)
+    dv = dv[:, :t_len].reshape(bsz, hkv, t_len, d).transpose(0, 2, 1, 3).astype(v.dtype)
     return dq, dk, dv

@@ -22,7 +22,7 @@ from kernels.flash_attention import BlockSizes
 from kernels.testing import assert_close
 
 # Small tiles: interpret-mode shapes stay small yet span several tiles.
-BLOCKS = BlockSizes(block_q=16, block_k=16, xla_block_q=16)
+BLOCKS = BlockSizes(block_q=16, block_k=16, xla_block_q=16, xla_block_k=16)
 
 # (B, S, T, Hq, Hkv, D)
 SHAPES = {
