@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from capibara.core.router_base import BaseRouter, Routing, RoutingContext, masked_mean
+from capibara.core.router_base import (
+    BaseRouter,
+    Routing,
+    RoutingContext,
+    flatten_tokens,
+    masked_mean,
+)
 
 FAST_PATHS = ("residual", "mlp")
 FAST, SLOW = 0, 1  # the "expert ids" of the two paths in a Routing
@@ -182,14 +188,9 @@ class DualProcessRouter(BaseRouter):
           ``x + fast(x)`` on the others (``fast = 0`` for ``"residual"``), ``x`` on
           padding.
         """
-        context = RoutingContext() if context is None else context
-        lead_shape, d = x.shape[:-1], x.shape[-1]
+        tokens, valid, context, lead_shape = flatten_tokens(x, context)
         batch, seq_len = _sequence_shape(lead_shape)
-        tokens = x.reshape(batch * seq_len, d)
-        if context.padding_mask is None:
-            valid = jnp.ones((batch * seq_len,), bool)
-        else:
-            valid = ~context.padding_mask.reshape(batch * seq_len).astype(bool)
+        d = x.shape[-1]
         routing, slow_positions = self._route(tokens, valid, context, lead_shape)
 
         xs = x.reshape(batch, seq_len, d)

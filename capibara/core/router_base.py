@@ -99,21 +99,7 @@ class BaseRouter(nnx.Module):
         Returns:
           ``Routing`` with ``[t, k]`` ids/weights/kept, ``t = prod(inputs.shape[:-1])``.
         """
-        context = RoutingContext() if context is None else context
-        if inputs.ndim < 1:
-            raise ValueError(f"inputs must be [..., d], got inputs.shape={inputs.shape}")
-        lead_shape = inputs.shape[:-1]
-        num_tokens = math.prod(lead_shape)
-        if context.padding_mask is None:
-            valid = jnp.ones((num_tokens,), bool)
-        else:
-            if context.padding_mask.shape != lead_shape:
-                raise ValueError(
-                    f"context.padding_mask.shape={context.padding_mask.shape} must be the "
-                    f"tokens' leading shape {lead_shape} (inputs.shape={inputs.shape})"
-                )
-            valid = ~context.padding_mask.reshape(num_tokens).astype(bool)
-        tokens = inputs.reshape(num_tokens, inputs.shape[-1])
+        tokens, valid, context, lead_shape = flatten_tokens(inputs, context)
         return self.compute_routing(tokens, valid, context, lead_shape)
 
     def compute_routing(
@@ -136,6 +122,30 @@ class BaseRouter(nnx.Module):
 
 
 # -- Shared helpers ------------------------------------------------------------------
+
+
+def flatten_tokens(
+    inputs: jax.Array, context: RoutingContext | None
+) -> tuple[jax.Array, jax.Array, RoutingContext, tuple[int, ...]]:
+    """``inputs [..., d]`` -> ``(tokens [t, d], valid bool[t], context, leading shape)``.
+
+    ``valid`` is False for padding tokens; ``context`` defaults to inference, no padding.
+    """
+    context = RoutingContext() if context is None else context
+    if inputs.ndim < 1:
+        raise ValueError(f"inputs must be [..., d], got inputs.shape={inputs.shape}")
+    lead_shape = inputs.shape[:-1]
+    num_tokens = math.prod(lead_shape)
+    if context.padding_mask is None:
+        valid = jnp.ones((num_tokens,), bool)
+    else:
+        if context.padding_mask.shape != lead_shape:
+            raise ValueError(
+                f"context.padding_mask.shape={context.padding_mask.shape} must be the "
+                f"tokens' leading shape {lead_shape} (inputs.shape={inputs.shape})"
+            )
+        valid = ~context.padding_mask.reshape(num_tokens).astype(bool)
+    return inputs.reshape(num_tokens, inputs.shape[-1]), valid, context, lead_shape
 
 
 def masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
