@@ -88,6 +88,11 @@ class MoEBlock(nnx.Module):
     Parameters: ``w_gate_up [E, d, 2f]`` (gate and up fused so one grouped matmul
     computes both), ``w_down [E, f, d]``, and for shared experts ``shared_gate_up
     [d, 2·s·f]``, ``shared_down [s·f, d]`` (``s`` shared experts fused into one MLP).
+
+    NOTE: with ``ExpertChoiceRouter`` the routing has ``k = E`` slots per token, so
+    ``permute`` lays out ``t·E`` rows of which only ``E·c`` are computed (the rest sit
+    after the last group as zeros): memory ``E/k`` times a token-choice block's, not
+    FLOPs.
     """
 
     def __init__(
