@@ -74,11 +74,11 @@ def sparsify(
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity=}")
     paths, dense, kept = [], 0, 0
     for path, linear in list(_targets(model, tuple(targets))):
-        kernel = linear.kernel.get_value()
-        if isinstance(kernel, BlockSparseMatrix):
+        if linear.sparse_layout is not None:
             raise ValueError(f"{path} is already block-sparse")
+        kernel = linear.kernel.get_value()
         pruned = BlockSparseMatrix.prune(np.asarray(kernel), sparsity, block_shape)
-        linear.kernel.set_value(pruned)
+        linear.make_sparse(pruned)
         paths.append(path)
         dense += kernel.size
         kept += _kept_in_bounds(pruned)

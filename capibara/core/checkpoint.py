@@ -134,6 +134,15 @@ def load_config(directory: pathlib.Path, **overrides) -> CapibaraConfig:
     raise FileNotFoundError(f"neither {CAPIBARA_CONFIG} nor config.json in {directory}")
 
 
+def _dense_kernels(model) -> dict[str, np.ndarray]:
+    """Block-sparse linears' kernels densified, by parameter path (checkpoints store dense)."""
+    return {
+        ".".join(map(str, (*path, "kernel"))): np.asarray(module.dense_kernel())
+        for path, module in nnx.iter_graph(model)
+        if getattr(module, "sparse_layout", None) is not None
+    }
+
+
 def _flat_params(model) -> dict[str, nnx.Variable]:
     """Trainable parameters by dotted path (buffers such as RoPE tables are not saved)."""
     _, state, _ = nnx.split(model, nnx.Param, ...)
@@ -180,11 +189,9 @@ def load_weights(model, tensors: dict[str, np.ndarray]) -> None:
 def state_tensors(model) -> dict[str, np.ndarray]:
     """The model's parameters under their Hugging Face names (dense numpy arrays)."""
     tensors: dict[str, np.ndarray] = {}
+    dense_kernels = _dense_kernels(model)
     for path, var in _flat_params(model).items():
-        value = var.get_value()
-        if hasattr(value, "to_dense"):  # a block-sparse kernel is stored dense
-            value = value.to_dense()
-        value = np.asarray(value)
+        value = dense_kernels.get(path, np.asarray(var.get_value()))
         entry = _entry(path, value.shape)
         if entry is None:
             raise ValueError(f"parameter {path} has no checkpoint name")

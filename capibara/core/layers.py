@@ -16,7 +16,7 @@ from flax import nnx
 
 import kernels
 from capibara.core.config import CapibaraConfig
-from kernels.block_sparse import BlockSparseMatrix
+from kernels.block_sparse import BlockLayout, BlockSparseMatrix
 
 
 def dtype_of(name: str):
@@ -37,11 +37,12 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """``x @ kernel (+ bias)``; ``kernel [in, out]`` dense, or a ``BlockSparseMatrix``.
+    """``x @ kernel (+ bias)``; ``kernel [in, out]`` dense, or block-sparse.
 
-    A block-sparse kernel (see ``capibara.sparsify``) runs through
-    ``kernels.block_sparse_matmul``; a dense one through one XLA dot. Both accumulate
-    in f32 and return ``compute_dtype``.
+    After ``capibara.sparsify`` the ``kernel`` parameter holds only the stored blocks
+    ``[nnz, bk, bn]`` and ``sparse_layout`` (static, hashable) says where they sit; the
+    product runs through ``kernels.block_sparse_matmul``. Dense kernels use one XLA
+    dot. Both accumulate in f32 and return ``compute_dtype``.
     """
 
     def __init__(
@@ -54,14 +55,30 @@ class Linear(nnx.Module):
         self.compute_dtype = dtype_of(config.compute_dtype)
         self.implementation = config.implementation
         self.interpret = config.interpret_kernels
+        self.sparse_layout: BlockLayout | None = None
+
+    def make_sparse(self, w: BlockSparseMatrix) -> None:
+        """Replaces the kernel by the stored blocks of ``w`` (same ``[in, out]`` shape)."""
+        if tuple(w.shape) != tuple(self.kernel.get_value().shape):
+            raise ValueError(
+                f"block-sparse kernel shape {w.shape} != {self.kernel.get_value().shape}"
+            )
+        self.kernel = nnx.Param(w.blocks)
+        self.sparse_layout = w.layout
+
+    def dense_kernel(self) -> jax.Array:
+        """The ``[in, out]`` kernel, zeros where blocks were pruned."""
+        if self.sparse_layout is None:
+            return self.kernel.get_value()
+        return BlockSparseMatrix(self.kernel.get_value(), self.sparse_layout).to_dense()
 
     def __call__(self, x):  # [..., d_in] -> [..., d_out]
         x = x.astype(self.compute_dtype)
         kernel = self.kernel.get_value()
-        if isinstance(kernel, BlockSparseMatrix):
+        if self.sparse_layout is not None:
             y = kernels.block_sparse_matmul(
                 x,
-                kernel.astype(self.compute_dtype),
+                BlockSparseMatrix(kernel.astype(self.compute_dtype), self.sparse_layout),
                 implementation=self.implementation,
                 interpret=self.interpret,
             )
