@@ -143,6 +143,23 @@ class _Block:
             keep = masks.visible(self.spec, self.q_pos, k_pos, self.q_seg, kseg[None, :])
         return s, jnp.where(keep, s, masks.MASK_VALUE), kc, vc
 
+    def logits_t(self, j, masked: bool):
+        """Like ``logits``, transposed: ``[C, rows]`` (the backward's dk/dv dots are then
+        plain ``[C, rows] @ [rows, D]`` products, no transposed operand)."""
+        kc = jax.lax.dynamic_slice_in_dim(self.k, j * self.chunk, self.chunk)
+        vc = jax.lax.dynamic_slice_in_dim(self.v, j * self.chunk, self.chunk)
+        s = masks.soft_cap(_dot(kc, self.q, (1, 1)), self.cap)  # "cd,rd->cr"
+        if not masked:
+            return s, s, kc, vc
+        k_pos = j * self.chunk + jnp.arange(self.chunk, dtype=jnp.int32)[:, None]
+        q_pos = self.q_pos.T
+        if self.q_seg is None:
+            keep = masks.visible(self.spec, q_pos, k_pos)
+        else:
+            kseg = jax.lax.dynamic_slice_in_dim(self.k_seg, j * self.chunk, self.chunk)
+            keep = masks.visible(self.spec, q_pos, k_pos, self.q_seg.T, kseg[:, None])
+        return s, jnp.where(keep, s, masks.MASK_VALUE), kc, vc
+
 
 def _scan_xs(p: Plan):
     """Scan inputs: ``(block index, (c0, u0, u1, c1))`` per query block."""
@@ -266,20 +283,21 @@ def backward(
             qb, q_pos, q_seg_b = _block_inputs(qh, qs, i, block_q, g, d)
             blk = _Block(spec, cap, chunk, qb, q_pos, q_seg_b, kh, vh, ks)
             dob = jax.lax.dynamic_slice_in_dim(doh, i * block_q, block_q).reshape(rows, d)
-            lse_b = jax.lax.dynamic_slice_in_dim(lh, i * block_q, block_q).reshape(rows, 1)
-            delta_b = jax.lax.dynamic_slice_in_dim(dh, i * block_q, block_q).reshape(rows, 1)
+            # Row vectors [1, rows]: the backward works on transposed logits [C, rows].
+            lse_b = jax.lax.dynamic_slice_in_dim(lh, i * block_q, block_q).reshape(1, rows)
+            delta_b = jax.lax.dynamic_slice_in_dim(dh, i * block_q, block_q).reshape(1, rows)
 
             def step(j, carry, masked):
                 dq, dk, dv = carry
-                s, s_masked, kc, vc = blk.logits(j, masked)
+                s, s_masked, kc, vc = blk.logits_t(j, masked)  # [C, rows]
                 pr = jnp.exp(s_masked - lse_b)
-                dp = _dot(dob, vc, (1, 1))  # "rd,cd->rc"
+                dp = _dot(vc, dob, (1, 1))  # "cd,rd->cr"
                 ds = masks.soft_cap_grad(pr * (dp - delta_b), s, cap)
-                dq = dq + _dot(ds, kc, (1, 0))  # "rc,cd->rd"
+                dq = dq + _dot(ds, kc, (0, 0))  # "cr,cd->rd"
                 at = j * chunk
-                dv_c = jax.lax.dynamic_slice_in_dim(dv, at, chunk) + _dot(pr, dob, (0, 0))
-                dk_c = jax.lax.dynamic_slice_in_dim(dk, at, chunk) + _dot(ds, qb, (0, 0))
-                dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_c, at, 0)  # "rc,rd->cd"
+                dv_c = jax.lax.dynamic_slice_in_dim(dv, at, chunk) + _dot(pr, dob, (1, 0))
+                dk_c = jax.lax.dynamic_slice_in_dim(dk, at, chunk) + _dot(ds, qb, (1, 0))
+                dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_c, at, 0)  # "cr,rd->cd"
                 dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c, at, 0)  # qb carries scale
                 return dq, dk, dv
 
