@@ -1,5 +1,7 @@
 """The model layer: configuration, routing (Mixture-of-Experts, Mixture-of-Depths), model."""
 
+from capibara.core.config import CapibaraConfig, ConfigurationManager, preset
+from capibara.core.model import CapibaraModel
 from capibara.core.routing import (
     BaseRouter,
     DualProcessRouter,
@@ -16,6 +18,9 @@ from capibara.core.routing import (
 
 __all__ = [
     "BaseRouter",
+    "CapibaraConfig",
+    "CapibaraModel",
+    "ConfigurationManager",
     "DualProcessRouter",
     "DualProcessRouterConfig",
     "ExpertChoiceRouter",
@@ -26,4 +31,5 @@ __all__ = [
     "RoutingContext",
     "TokenRouter",
     "TokenRouterConfig",
+    "preset",
 ]
