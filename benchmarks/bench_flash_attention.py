@@ -81,7 +81,7 @@ def _with_backward(fn):
 
 
 def _to_torch(x, dtype_name, grad=False):
-    t = torch.from_numpy(np.asarray(x, np.float32)).to(TORCH_DTYPES[dtype_name])
+    t = torch.from_numpy(np.array(x, np.float32)).to(TORCH_DTYPES[dtype_name])
     return t.transpose(1, 2).contiguous().requires_grad_(grad)  # [B, H, S, D]
 
 

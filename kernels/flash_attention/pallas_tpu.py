@@ -12,6 +12,10 @@ to the tiles; D whole, so any D works). GQA: the k/v index maps read kv head
 ``h // G``; dk/dv of a kv head accumulate over its ``G`` query heads in the grid (an
 inner grid axis), so k/v are never repeated. Softmax statistics are f32 and, as in
 JAX's own kernels, lane-replicated ``[.., 128]`` so they tile on TPU.
+
+Verified here only in the Pallas TPU interpreter (``interpret=True``) and by exporting
+for TPU from a CPU host (``lowering_cases``); not yet run on TPU hardware, and the
+default tiles (512) are untuned.
 """
 
 from __future__ import annotations

@@ -79,6 +79,19 @@ def test_cost_counts_only_visible_tiles():
     assert by_key.num_valid == 8 + 7
 
 
+def test_xla_memory_is_linear_in_sequence_length():
+    # XLA's planned temporaries for S = T = 4096, one head: a small multiple of
+    # rows x chunk, far below the 64 MiB of one materialized [S, T] f32 score matrix.
+    s = 4096
+    x = jax.ShapeDtypeStruct((1, s, 1, 64), jnp.float32)
+    fn = jax.jit(functools.partial(flash_attention, causal=True, implementation="xla"))
+    temp = fn.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < s * s * 4 / 8, temp
+    grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2)))
+    temp = grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < s * s * 4 / 8, temp
+
+
 def test_mask_helpers_agree_with_elementwise_mask():
     # key_range / block_needs_mask (host) against visible (elementwise) on every block.
     for spec in [
