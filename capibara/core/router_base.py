@@ -62,9 +62,11 @@ class RoutingContext:
 
     Attributes:
       training: training step: jitter noise is applied, the balancing bias is updated.
-      decode: tokens are routed one step at a time from a KV cache, so routing must be
-        causal and may not look at other tokens (see ``capibara.core.routing`` for which
-        routers refuse it and why).
+      decode: serving: tokens are routed one step at a time from a KV cache (or in a
+        prefill that must agree with that), so routing must be causal and
+        batch-invariant: ``TokenRouter`` ignores its capacity, ``DualProcessRouter``
+        routes by its causal predictor, ``ExpertChoiceRouter`` refuses (see
+        ``capibara.core.routing``).
       padding_mask: bool, the tokens' leading shape (e.g. ``[batch, seq]``) or
         ``None``; True marks a padding token. Padding tokens are not computed and do not
         count toward expert load, the balancing losses or the statistics.

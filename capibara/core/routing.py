@@ -21,27 +21,33 @@ as it pleases; a request's output must not depend on that. A router is
 *batch-invariant* when a token's route (experts and weights) depends on that token
 alone. These are:
 
-* ``TokenRouter`` with ``capacity_factor=None`` (dropless) outside training (jitter
-  and the bias update only happen in training);
+* ``TokenRouter`` outside training (jitter and the bias update only happen in
+  training) when dropless: ``capacity_factor=None``, or any capacity with
+  ``context.decode=True``, which turns the capacity off;
 * ``DualProcessRouter`` in decode mode (``context.decode=True``): its per-token
   predictor decides.
 
 These are **not**, and the inference engine must not use them that way:
 
-* ``TokenRouter`` with a ``capacity_factor``: the capacity is a share of the batch's
-  ``t·k`` assignments, and which assignments overflow depends on the other tokens
-  (earlier tokens and first choices win), so a token can be dropped in one batch and
-  served in another. Serve with ``capacity_factor=None``.
+* ``TokenRouter`` with a ``capacity_factor`` outside decode: the capacity is a share
+  of the batch's ``t·k`` assignments, and which assignments overflow depends on the
+  other tokens (earlier tokens and first choices win), so a token can be dropped in
+  one batch and served in another. The engine routes with ``decode=True`` (prefill
+  included), which serves every assignment.
 * ``ExpertChoiceRouter``: experts rank *all* tokens of the batch, so a token's experts
-  depend on its neighbours and on tokens after it. It refuses ``decode=True``; use it
-  for training and prefill only, never for serving requests batched together.
+  depend on its neighbours and on tokens after it. It refuses ``decode=True``: it is
+  for training and for scoring whole sequences offline, not for serving.
 * ``DualProcessRouter`` outside decode: the top-``capacity`` tokens are chosen over the
   whole sequence (non-causal: later tokens change earlier routes). The engine must
   route MoD with ``decode=True`` in prefill as well as decode, so both agree with
   the causal predictor and with each other.
 
-Within those rules the MoE block's output for a token is the same, within f32 rounding,
-whether the token is alone or in a larger batch (tested).
+In short: the inference engine passes ``RoutingContext(decode=True)`` to every serving
+pass, prefill included. Within those rules the MoE block's output for a token is the
+same, within f32 rounding, whether the token is alone or in a larger batch (tested).
+A model trained with a capacity is then served dropless, the usual practice (Switch,
+GShard): at inference no token is dropped, so outputs can differ slightly from what
+the capacity-limited training forward computed on the same batch.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class TokenRouterConfig:
     top_k: int = 2
     score_function: str = "softmax"  # "softmax" (Mixtral) or "sigmoid" (DeepSeek-V3)
     renormalize: bool = True  # top-k weights divided by their sum (sum to 1)
-    capacity_factor: float | None = None  # None = dropless; else cap = ceil(t·k/E·factor)
+    capacity_factor: float | None = None  # None = dropless; else ceil(t·k/E·factor), not in decode
     load_balance_weight: float = 0.01  # Switch loss coefficient (0 = off)
     z_loss_weight: float = 0.0  # ST-MoE uses 1e-3 (0 = off)
     bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing, 1e-3 there (0 = off)
@@ -147,7 +147,8 @@ class TokenRouter(BaseRouter):
 
     Dropless (``capacity_factor=None``) it is batch-invariant at inference: a token's
     experts and weights depend on that token alone. A capacity makes a token's fate
-    depend on its batch neighbours (see ``capibara.core.routing``).
+    depend on its batch neighbours, so it is applied in training and prefill only,
+    never with ``context.decode=True`` (see ``capibara.core.routing``).
     """
 
     def __init__(self, d_model: int, config: TokenRouterConfig, *, rngs: nnx.Rngs):
@@ -185,7 +186,9 @@ class TokenRouter(BaseRouter):
             weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
 
         kept = jnp.broadcast_to(valid[:, None], expert_ids.shape)
-        capacity = cfg.capacity(tokens.shape[0])
+        # Serving must be batch-invariant: a capacity would let co-batched requests
+        # decide which of a token's experts run.
+        capacity = None if context.decode else cfg.capacity(tokens.shape[0])
         if capacity is not None:
             kept = within_capacity(expert_ids, kept, cfg.num_experts, capacity)
         weights = jnp.where(kept, weights, 0.0)
@@ -254,8 +257,8 @@ class ExpertChoiceRouter(BaseRouter):
     token may be picked by 0 to E experts. The ``Routing`` therefore has ``k = E``
     slots, slot ``e`` being expert ``e``, ``kept`` where it picked the token.
 
-    It ranks tokens across the whole batch, so it is for training and prefill only:
-    ``context.decode=True`` raises.
+    It ranks tokens across the whole batch, so it is for training (and offline scoring
+    of whole sequences), not serving: ``context.decode=True`` raises.
     """
 
     def __init__(self, d_model: int, config: ExpertChoiceRouterConfig, *, rngs: nnx.Rngs):
@@ -269,8 +272,8 @@ class ExpertChoiceRouter(BaseRouter):
                 "ExpertChoiceRouter cannot route in decode mode (context.decode=True): each "
                 "expert picks its top-c tokens among *all* tokens of the batch, so a token's "
                 "route depends on tokens that come after it and on its batch neighbours, "
-                "which a step-by-step decode does not have. Use it for training and prefill "
-                "only, or serve the model with a TokenRouter."
+                "which a step-by-step decode does not have. Use it for training only, or "
+                "serve the model with a TokenRouter."
             )
         cfg = self.config
         num_tokens, num_experts = tokens.shape[0], cfg.num_experts

@@ -130,19 +130,25 @@ def test_gradients_reach_router_and_experts_and_match_reference(case):
     assert {"router", "w_gate_up", "w_down"} <= names
 
 
-@pytest.mark.parametrize("top_k,score_function", [(2, "softmax"), (1, "sigmoid")])
-def test_dropless_routing_is_batch_invariant(top_k, score_function):
-    router = TokenRouterConfig(num_experts=4, top_k=top_k, score_function=score_function)
+@pytest.mark.parametrize(
+    "top_k,score_function,capacity_factor", [(2, "softmax", None), (1, "sigmoid", 0.5)]
+)
+def test_dropless_routing_is_batch_invariant(top_k, score_function, capacity_factor):
+    """Dropless, or in decode mode (which serves every assignment despite a capacity)."""
+    router = TokenRouterConfig(
+        num_experts=4, top_k=top_k, score_function=score_function, capacity_factor=capacity_factor
+    )
     block = _block(router, seed=10, num_shared_experts=1)
     mine = _tokens(11, 5)
     crowd = _tokens(12, 40) * 2 + 0.5  # other requests, a different distribution
-    alone, _ = _forward(block, mine)
-    batched, _ = _forward(block, jnp.concatenate([crowd[:17], mine, crowd[17:]]))
+    serving = RoutingContext(decode=True)
+    alone, _ = _forward(block, mine, serving)
+    batched, _ = _forward(block, jnp.concatenate([crowd[:17], mine, crowd[17:]]), serving)
     assert_close(batched[17:22], alone, jnp.float32)
     # Padding around the same tokens changes nothing either.
     padded = jnp.concatenate([mine, crowd[:3]])[None]
     mask = jnp.zeros((1, 8), bool).at[0, 5:].set(True)
-    with_padding, _ = _forward(block, padded, RoutingContext(padding_mask=mask))
+    with_padding, _ = _forward(block, padded, RoutingContext(decode=True, padding_mask=mask))
     assert_close(with_padding[0, :5], alone, jnp.float32)
 
 

@@ -267,3 +267,16 @@ def test_padding_tokens_do_not_count_toward_load(capacity_factor):
         assert routing.stats["tokens_per_expert"].sum() <= 13 * 2
         kept = _np_capacity_keep(np.asarray(routing.expert_ids), valid, router.config.capacity(24))
         np.testing.assert_array_equal(routing.kept, kept)
+
+
+def test_decode_mode_serves_every_assignment_despite_a_capacity():
+    capped = _router(18, top_k=2, capacity_factor=0.5)
+    dropless = _router(18, top_k=2)
+    x = _tokens(19, 32) + 1.0
+    assert capped.route(x).stats["dropped_fraction"] > 0
+    served = capped.route(x, RoutingContext(decode=True))
+    expected = dropless.route(x)
+    assert served.kept.all()
+    np.testing.assert_array_equal(served.expert_ids, expected.expert_ids)
+    np.testing.assert_array_equal(served.weights, expected.weights)
+    assert served.stats["dropped_fraction"] == 0
