@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -93,11 +94,11 @@ def _paged_attention_kernel(
     lengths_ref,
     table_ref,
     q_ref,
+    q_offset_ref,
     *refs,
     pages_per_block: int,
     page_size: int,
     num_queries: int,
-    group: int,
     scale: float,
     logits_soft_cap: float | None,
     sliding_window: int | None,
@@ -130,16 +131,15 @@ def _paged_attention_kernel(
         k = jnp.concatenate([r[...] for r in k_refs], axis=0)  # [block_tokens, D]
         v = jnp.concatenate([r[...] for r in v_refs], axis=0)
         # Logical token positions: a slot holding a neighbour's page is masked here.
-        k_pos_col = i * block_tokens + jax.lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0)
-        v = jnp.where((k_pos_col >= lo) & (k_pos_col < hi), v, jnp.zeros_like(v))
+        v_pos = i * block_tokens + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+        v = jnp.where((v_pos >= lo) & (v_pos < hi), v, jnp.zeros_like(v))
 
         logits = jax.lax.dot_general(
             q_ref[...], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )  # [rows, block_tokens]
         logits = common.soft_cap(logits * scale, logits_soft_cap)
         k_pos = i * block_tokens + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        row = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-        q_pos = length - num_queries + jax.lax.div(row, group)
+        q_pos = length + q_offset_ref[...]
         mask = common.visible(q_pos, k_pos, length, sliding_window)
         logits = jnp.where(mask, logits, common.NEG)
 
@@ -188,14 +188,22 @@ def paged_attention(
     g = hq // hkv
     ppb = min(pages_per_block, pages_per_seq)
     num_blocks = -(-pages_per_seq // ppb)
+    block_tokens = ppb * page_size
 
-    # [B, S, Hkv, G, D] -> [B, Hkv, rows, D], rows padded to the 8-row sublane tile.
-    # Padded rows sit past the last query (they see the whole range) and are dropped.
+    # [B, S, Hkv, G, D] -> [B, Hkv, rows, D], rows padded to the sublane tile (8 rows
+    # of 32-bit values, 16 of bf16).
     rows = s * g
-    rows_p = -(-rows // 8) * 8
+    sublanes = 8 * max(1, 4 // q.dtype.itemsize)
+    rows_p = -(-rows // sublanes) * sublanes
     qr = q.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
     table = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32).reshape(-1)
+    # Query row r is query r // G, at position length + r // G - S. Mosaic has no vector
+    # integer division, so the offsets come in as a constant block shaped like the
+    # logits (fetched once). Padded rows get a position before 0: they see nothing.
+    row = np.arange(rows_p)
+    q_offset = np.where(row < rows, row // g - s, -(2**30)).astype(np.int32)
+    q_offset = jnp.asarray(np.broadcast_to(q_offset[:, None], (rows_p, block_tokens)))
     static = {
         "pages_per_block": ppb,
         "page_size": page_size,
@@ -214,8 +222,12 @@ def paged_attention(
     def q_rows(bi, h, i, lengths_ref, table_ref):  # the query rows of (sequence, kv head)
         return bi, h, 0, 0
 
+    def whole(bi, h, i, lengths_ref, table_ref):  # the one block of q_offset
+        return 0, 0
+
     page_specs = [page_slot(slot) for slot in range(ppb)]
     row_spec = pl.BlockSpec((None, None, rows_p, d), q_rows)
+    offset_spec = pl.BlockSpec((rows_p, block_tokens), whole)
     itemsize = k_pages.dtype.itemsize
     out = pl.pallas_call(
         functools.partial(
@@ -223,7 +235,6 @@ def paged_attention(
             pages_per_block=ppb,
             page_size=page_size,
             num_queries=s,
-            group=g,
             scale=scale,
             logits_soft_cap=logits_soft_cap,
             sliding_window=sliding_window,
@@ -232,7 +243,7 @@ def paged_attention(
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hkv, num_blocks),
-            in_specs=[row_spec, *page_specs, *page_specs],
+            in_specs=[row_spec, offset_spec, *page_specs, *page_specs],
             out_specs=row_spec,
             scratch_shapes=[
                 pltpu.VMEM((rows_p, _LANES), jnp.float32),  # running max m
@@ -251,6 +262,6 @@ def paged_attention(
             + 2 * q.size * q.dtype.itemsize,
         ),
         interpret=_interpret_params(interpret),
-    )(lengths.astype(jnp.int32), table, qr, *([k_pages] * ppb), *([v_pages] * ppb))
+    )(lengths.astype(jnp.int32), table, qr, q_offset, *([k_pages] * ppb), *([v_pages] * ppb))
     out = out[:, :, :rows].reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, s, hq, d)
