@@ -7,6 +7,7 @@ accumulate in f32 whatever their input dtype).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -134,6 +135,48 @@ def apply_rope(x, positions, inv_freq):
 # -- attention and MLP -----------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+    """One serving step's tokens laid out for the paged KV cache (all int32 unless noted).
+
+    The step's ``N = Bd + Bp·S`` tokens are flat: first one token for each of the ``Bd``
+    decode rows, then ``Bp`` prefill rows of ``S`` tokens each (right-padded). Every
+    token writes its k/v to ``(write_pages[i], write_offsets[i])`` of the page pool
+    before attending; padding tokens and idle rows write to a scratch page that no
+    sequence reads.
+
+    Attributes:
+      positions: ``[N]`` RoPE position of each token.
+      write_pages, write_offsets: ``[N]`` pool page and slot in it of each token's k/v.
+      decode_lengths: ``[Bd]`` cached tokens of each decode row, this one included (0:
+        an idle row, which sees nothing).
+      decode_page_table: ``[Bd, pages_per_seq]``.
+      prefill_lengths: ``[Bp]`` ``start + S``: query ``j`` of the row sits at ``start + j``.
+      prefill_page_table: ``[Bp, pages_per_seq]``.
+      logit_index: ``[R]`` flat index of the tokens whose logits the step returns.
+      padding: bool ``[N]``, True for padding / idle tokens (not counted in expert load).
+    """
+
+    positions: jax.Array
+    write_pages: jax.Array
+    write_offsets: jax.Array
+    decode_lengths: jax.Array
+    decode_page_table: jax.Array
+    prefill_lengths: jax.Array
+    prefill_page_table: jax.Array
+    logit_index: jax.Array
+    padding: jax.Array
+
+    @property
+    def num_decode(self) -> int:
+        return self.decode_lengths.shape[0]
+
+    @property
+    def num_prefill(self) -> int:
+        return self.prefill_lengths.shape[0]
+
+
 class Attention(nnx.Module):
     """GQA self-attention through ``kernels.flash_attention`` (causal, RoPE)."""
 
@@ -172,6 +215,58 @@ class Attention(nnx.Module):
             interpret=self.interpret,
         )
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+    def forward_paged(self, x, kv: tuple[jax.Array, jax.Array], batch: PagedBatch):
+        """Serving step: ``x [N, d]`` (``batch``'s flat layout) -> ``([N, d], new kv)``.
+
+        Writes every token's roped k and v into the page pools ``kv = (k_pages,
+        v_pages)``, each ``[Hkv, P, page_size, D]``, then the decode rows attend through
+        ``kernels.paged_attention`` and the prefill rows through
+        ``kernels.paged_prefill_attention`` (causal within the chunk, onto the cache).
+        """
+        n = x.shape[0]
+        q, k, v = self.project_qkv(x[None], batch.positions[None])
+        q, k, v = q[0], k[0], v[0]  # [N, H, D]
+        k_pages, v_pages = kv
+        # Written before attending: the kernels read a token's own k/v from the pool.
+        k_pages = k_pages.at[:, batch.write_pages, batch.write_offsets].set(
+            k.transpose(1, 0, 2).astype(k_pages.dtype)
+        )
+        v_pages = v_pages.at[:, batch.write_pages, batch.write_offsets].set(
+            v.transpose(1, 0, 2).astype(v_pages.dtype)
+        )
+        q = q.astype(k_pages.dtype)
+        options = dict(
+            sliding_window=self.sliding_window,
+            implementation=self.implementation,
+            interpret=self.interpret,
+        )
+        bd, bp = batch.num_decode, batch.num_prefill
+        outs = []
+        if bd:
+            outs.append(
+                kernels.paged_attention(
+                    q[:bd],
+                    k_pages,
+                    v_pages,
+                    batch.decode_lengths,
+                    batch.decode_page_table,
+                    **options,
+                )
+            )
+        if bp:
+            s = (n - bd) // bp
+            out = kernels.paged_prefill_attention(
+                q[bd:].reshape(bp, s, self.num_heads, self.head_dim),
+                k_pages,
+                v_pages,
+                batch.prefill_lengths,
+                batch.prefill_page_table,
+                **options,
+            )
+            outs.append(out.reshape(bp * s, self.num_heads, self.head_dim))
+        out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim)), (k_pages, v_pages)
 
 
 class SwiGLU(nnx.Module):

@@ -18,7 +18,7 @@ from flax import nnx
 
 from capibara.core import checkpoint
 from capibara.core.config import CapibaraConfig
-from capibara.core.layers import Attention, RMSNorm, SwiGLU, dtype_of
+from capibara.core.layers import Attention, PagedBatch, RMSNorm, SwiGLU, dtype_of
 from capibara.core.mixture_of_depths import DualProcessRouter, DualProcessRouterConfig
 from capibara.core.model_moe import make_moe_block
 from capibara.core.router_base import RoutingContext
@@ -104,6 +104,27 @@ class DecoderBlock(nnx.Module):
         y, routing = self.mod_router(x, slow_fn, context)
         return y, {**inner_aux, **routing.aux_losses}
 
+    def forward_paged(self, x, kv, batch: PagedBatch):
+        """Serving step of one block: ``x [N, d]`` -> (``[N, d]``, new kv, expert load).
+
+        Routing runs with ``decode=True`` (dropless, batch-invariant; see
+        ``capibara.core.routing``). The expert load is f32 ``[E]`` tokens per expert
+        over the non-padding tokens, or ``None`` for a dense block.
+        """
+        if self.mod_router is not None:
+            raise ValueError(
+                "Mixture-of-Depths layers cannot be served from a KV cache: a skipped "
+                "token writes no k/v, so the cache layout would depend on routing"
+            )
+        attn, kv = self.self_attn.forward_paged(self.input_layernorm(x), kv, batch)
+        h = x + attn
+        normed = self.post_attention_layernorm(h)
+        if not self.is_moe:
+            return h + self.mlp(normed), kv, None
+        context = RoutingContext(decode=True, padding_mask=batch.padding[None])
+        out, routing = self.mlp(normed[None], context)
+        return h + out[0].astype(h.dtype), kv, routing.stats["tokens_per_expert"]
+
 
 class TransformerStack(nnx.Module):
     """``num_layers`` decoder blocks; their auxiliary losses are summed per name."""
@@ -184,6 +205,31 @@ class CapibaraModel(nnx.Module):
             x, positions, segment_ids, training=training, padding_mask=padding_mask
         )
         return self.head(x, self.embed), aux_losses
+
+    def forward_with_cache(self, tokens, kv_cache, batch: PagedBatch):
+        """One serving step over a paged KV cache.
+
+        Args:
+          tokens: int ``[N]`` flat tokens in ``batch``'s layout (decode rows, then
+            right-padded prefill rows).
+          kv_cache: one ``(k_pages, v_pages)`` pair per layer, each
+            ``[Hkv, P, page_size, D]``.
+          batch: ``PagedBatch``: positions, where each token's k/v goes, lengths and
+            page tables, which logits to return.
+
+        Returns:
+          ``(logits f32 [R, vocab], new kv_cache, expert_load f32 [moe_layers, E] or
+          None)`` with ``R = batch.logit_index.shape[0]``.
+        """
+        x = self.embed(tokens[None])[0]  # [N, d]
+        new_cache, loads = [], []
+        for layer, kv in zip(self.stack.layers, kv_cache, strict=True):
+            x, kv, load = layer.forward_paged(x, kv, batch)
+            new_cache.append(kv)
+            if load is not None:
+                loads.append(load)
+        logits = self.head(x[batch.logit_index][None], self.embed)[0]
+        return logits, new_cache, (jnp.stack(loads) if loads else None)
 
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path, *, seed: int = 0, **config_overrides):

@@ -1,0 +1,211 @@
+"""Serving metrics: per-request latencies, throughput, utilisation, prefix hits, expert load.
+
+``EngineMetrics`` is updated by the engine thread under the engine lock;
+``snapshot()`` returns an immutable ``MetricsSnapshot`` and ``prometheus_text``
+renders one in the Prometheus text exposition format.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+
+WINDOW = 10_000  # latency samples kept per series (the most recent)
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Count, mean and quantiles of a latency series (seconds), over the recent window."""
+
+    count: int
+    mean: float
+    quantiles: dict[float, float]
+
+    @classmethod
+    def of(cls, samples, total_count: int) -> Summary:
+        if not samples:
+            return cls(total_count, 0.0, {q: 0.0 for q in QUANTILES})
+        values = np.asarray(samples, np.float64)
+        return cls(
+            total_count,
+            float(values.mean()),
+            {q: float(np.quantile(values, q)) for q in QUANTILES},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSnapshot:
+    """The engine's state and history at one moment."""
+
+    requests_finished: dict[str, int]  # by finish reason
+    requests_rejected: int  # QueueFullError or validation errors at submit
+    preemptions: int
+    generated_tokens: int
+    prompt_tokens: int
+    tokens_per_second: float  # generated tokens / time the engine was busy
+    ttft: Summary
+    tpot: Summary
+    e2e_latency: Summary
+    queue_depth: int
+    running: int
+    slot_utilization: float  # running / max_slots
+    page_utilization: float  # pages in use (sequences or prefix cache) / usable pages
+    prefix_cache_hit_rate: float  # prompt tokens served from cache / prompt tokens looked up
+    prefix_cache_pages: int
+    steps: int
+    compilations: int
+    expert_load: list[list[float]] | None  # [moe_layers][E]: tokens routed to each expert
+    expert_load_imbalance: float | None  # max / mean expert load (1 = balanced)
+
+
+class EngineMetrics:
+    def __init__(self):
+        self.finished: collections.Counter[str] = collections.Counter()
+        self.rejected = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.busy_seconds = 0.0
+        self.steps = 0
+        self.ttft = collections.deque(maxlen=WINDOW)
+        self.tpot = collections.deque(maxlen=WINDOW)
+        self.e2e = collections.deque(maxlen=WINDOW)
+        self.counts = collections.Counter()
+        self.expert_load: np.ndarray | None = None
+
+    def record_step(self, seconds: float, new_tokens: int, load: np.ndarray | None) -> None:
+        self.steps += 1
+        self.busy_seconds += seconds
+        self.generated_tokens += new_tokens
+        if load is not None:
+            load = load.astype(np.float64)
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
+
+    def record_finish(self, reason: str, metrics) -> None:
+        self.finished[reason] += 1
+        self.prompt_tokens += metrics.prompt_tokens
+        self.counts["e2e"] += 1
+        self.e2e.append(metrics.e2e)
+        if metrics.ttft is not None:
+            self.counts["ttft"] += 1
+            self.ttft.append(metrics.ttft)
+        if metrics.tpot is not None:
+            self.counts["tpot"] += 1
+            self.tpot.append(metrics.tpot)
+
+    def snapshot(self, *, scheduler, prefix_cache, compilations: int) -> MetricsSnapshot:
+        pool = scheduler.pool
+        load = self.expert_load
+        imbalance = None
+        if load is not None and load.sum() > 0:
+            imbalance = float((load.max(axis=-1) / np.maximum(load.mean(axis=-1), 1e-9)).mean())
+        return MetricsSnapshot(
+            requests_finished=dict(self.finished),
+            requests_rejected=self.rejected,
+            preemptions=scheduler.num_preemptions,
+            generated_tokens=self.generated_tokens,
+            prompt_tokens=self.prompt_tokens,
+            tokens_per_second=self.generated_tokens / self.busy_seconds
+            if self.busy_seconds
+            else 0.0,
+            ttft=Summary.of(self.ttft, self.counts["ttft"]),
+            tpot=Summary.of(self.tpot, self.counts["tpot"]),
+            e2e_latency=Summary.of(self.e2e, self.counts["e2e"]),
+            queue_depth=len(scheduler.waiting),
+            running=len(scheduler.running),
+            slot_utilization=len(scheduler.running) / scheduler.config.max_slots,
+            page_utilization=(pool.capacity - pool.num_free) / pool.capacity,
+            prefix_cache_hit_rate=prefix_cache.hit_rate if prefix_cache else 0.0,
+            prefix_cache_pages=len(prefix_cache) if prefix_cache else 0,
+            steps=self.steps,
+            compilations=compilations,
+            expert_load=None if load is None else load.tolist(),
+            expert_load_imbalance=imbalance,
+        )
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def prometheus_text(m: MetricsSnapshot, prefix: str = "capibara") -> str:
+    """``m`` in the Prometheus text format (``# HELP``/``# TYPE`` then samples)."""
+    lines: list[str] = []
+
+    def metric(name, kind, help_text, samples):
+        lines.append(f"# HELP {prefix}_{name} {help_text}")
+        lines.append(f"# TYPE {prefix}_{name} {kind}")
+        for labels, value in samples:
+            label = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+            lines.append(f"{prefix}_{name}{label} {float(value):.9g}")
+
+    def summary(name, help_text, s: Summary):
+        samples = [({"quantile": q}, v) for q, v in s.quantiles.items()]
+        metric(name, "summary", help_text, samples)
+        lines.append(f"{prefix}_{name}_sum {s.mean * min(s.count, WINDOW):.9g}")
+        lines.append(f"{prefix}_{name}_count {s.count}")
+
+    reasons = m.requests_finished or {"length": 0}
+    metric(
+        "requests_finished_total",
+        "counter",
+        "Finished requests by reason.",
+        [({"reason": r}, n) for r, n in sorted(reasons.items())],
+    )
+    metric("requests_rejected_total", "counter", "Rejected at submit.", [({}, m.requests_rejected)])
+    metric("preemptions_total", "counter", "Requests preempted for pages.", [({}, m.preemptions)])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [({}, m.generated_tokens)])
+    metric("prompt_tokens_total", "counter", "Prompt tokens served.", [({}, m.prompt_tokens)])
+    metric("steps_total", "counter", "Engine steps run.", [({}, m.steps)])
+    metric("compilations", "gauge", "Compiled step shapes.", [({}, m.compilations)])
+    metric(
+        "tokens_per_second",
+        "gauge",
+        "Generated tokens per busy second.",
+        [({}, m.tokens_per_second)],
+    )
+    summary("time_to_first_token_seconds", "Arrival to first token.", m.ttft)
+    summary("time_per_output_token_seconds", "Mean time per token after the first.", m.tpot)
+    summary("e2e_latency_seconds", "Arrival to finish.", m.e2e_latency)
+    metric("queue_depth", "gauge", "Waiting requests.", [({}, m.queue_depth)])
+    metric("running_requests", "gauge", "Requests in the batch.", [({}, m.running)])
+    metric("slot_utilization", "gauge", "Busy slots / slots.", [({}, m.slot_utilization)])
+    metric("page_utilization", "gauge", "KV pages in use / pages.", [({}, m.page_utilization)])
+    metric(
+        "prefix_cache_hit_rate",
+        "gauge",
+        "Prompt tokens from the prefix cache / looked up.",
+        [({}, m.prefix_cache_hit_rate)],
+    )
+    metric(
+        "prefix_cache_pages",
+        "gauge",
+        "Pages held by the prefix cache.",
+        [({}, m.prefix_cache_pages)],
+    )
+    if m.expert_load is not None:
+        metric(
+            "expert_tokens_total",
+            "counter",
+            "Tokens routed to each expert.",
+            [
+                ({"layer": i, "expert": e}, v)
+                for i, row in enumerate(m.expert_load)
+                for e, v in enumerate(row)
+            ],
+        )
+        metric(
+            "expert_load_imbalance",
+            "gauge",
+            "Max / mean expert load, averaged over MoE layers.",
+            [({}, m.expert_load_imbalance or 0.0)],
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""The jitted serving step at static shapes, and the host code that fills its inputs.
+
+One compiled function does a whole step: ``max_slots`` decode rows (idle rows have
+length 0) plus, optionally, one prefill row of a bucketed length, all through one
+``CapibaraModel.forward_with_cache`` (the linears see every token of the step
+together, so the weights are read once per step), then sampling. The KV cache is
+donated, so XLA updates the pages in place. Compiled shapes: one without a prefill
+row and one per prefill bucket, whatever the workload: ``1 + len(buckets)`` at most.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capibara.core.inference.kv_cache import SCRATCH_PAGE, allocate_cache
+from capibara.core.inference.params import EngineConfig
+from capibara.core.inference.sampling import SamplingBatch, sample
+from capibara.core.inference.scheduler import StepPlan
+from capibara.core.layers import PagedBatch
+
+
+class ModelRunner:
+    """Owns the device state (parameters, KV cache) and runs ``StepPlan`` s."""
+
+    def __init__(self, model, config: EngineConfig):
+        self.config = config
+        self.model_config = model.config
+        graphdef, self.state = nnx.split(model)
+        self.cache = allocate_cache(model.config, config.num_pages, config.page_size)
+        self.compilations = 0  # traces of the step: one per compiled shape
+
+        def step(state, cache, tokens, batch, sampling):
+            self.compilations += 1  # runs at trace time only
+            logits, cache, load = nnx.merge(graphdef, state).forward_with_cache(
+                tokens, cache, batch
+            )
+            return sample(logits, sampling), cache, load
+
+        self._step = jax.jit(step, donate_argnums=(1,))
+
+    def run(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray | None]:
+        """Runs one step; returns the sampled tokens ``[max_slots + (1 if prefill)]``
+        (decode rows by slot, then the prefill row) and the expert load ``[L_moe, E]``."""
+        tokens, batch, sampling = self._inputs(plan)
+        out, self.cache, load = self._step(self.state, self.cache, tokens, batch, sampling)
+        return np.asarray(out), (None if load is None else np.asarray(load))
+
+    def _inputs(self, plan: StepPlan):
+        cfg, ps = self.config, self.config.page_size
+        slots, width = cfg.max_slots, cfg.pages_per_seq
+        s = plan.bucket if plan.prefill is not None else 0
+        n = slots + s
+        tokens = np.zeros(n, np.int32)
+        positions = np.zeros(n, np.int32)
+        write_pages = np.full(n, SCRATCH_PAGE, np.int32)
+        write_offsets = np.zeros(n, np.int32)
+        padding = np.ones(n, bool)
+        dec_lengths = np.zeros(slots, np.int32)
+        dec_table = np.zeros((slots, width), np.int32)
+        rows: list = [None] * slots
+        for r in plan.decode:
+            i, pos = r.slot, r.num_cached
+            tokens[i], positions[i], padding[i] = r.tokens[pos], pos, False
+            write_pages[i], write_offsets[i] = r.pages[pos // ps], pos % ps
+            dec_lengths[i] = pos + 1
+            dec_table[i, : len(r.pages)] = r.pages
+            rows[i] = (r.params, r.seed, len(r.output))
+        logit_index = list(range(slots))
+        pre_lengths = np.zeros(1 if s else 0, np.int32)
+        pre_table = np.zeros((1 if s else 0, width), np.int32)
+        if s:
+            r, start, m = plan.prefill, plan.prefill.num_cached, plan.prefill_len
+            seq = r.tokens
+            pos = start + np.arange(s)
+            tokens[slots : slots + m] = seq[start : start + m]
+            positions[slots:] = pos
+            padding[slots : slots + m] = False
+            pages = np.asarray(r.pages, np.int32)
+            write_pages[slots : slots + m] = pages[pos[:m] // ps]
+            write_offsets[slots : slots + m] = pos[:m] % ps
+            pre_lengths[0] = start + s  # query j sits at lengths - s + j = start + j
+            pre_table[0, : len(pages)] = pages
+            logit_index.append(slots + m - 1)
+            rows.append((r.params, r.seed, len(r.output)))
+        batch = PagedBatch(
+            positions=jnp.asarray(positions),
+            write_pages=jnp.asarray(write_pages),
+            write_offsets=jnp.asarray(write_offsets),
+            decode_lengths=jnp.asarray(dec_lengths),
+            decode_page_table=jnp.asarray(dec_table),
+            prefill_lengths=jnp.asarray(pre_lengths),
+            prefill_page_table=jnp.asarray(pre_table),
+            logit_index=jnp.asarray(np.asarray(logit_index, np.int32)),
+            padding=jnp.asarray(padding),
+        )
+        return jnp.asarray(tokens), batch, SamplingBatch.build(rows)
