@@ -7,6 +7,13 @@ set of block rows: ``x[:, rows] @ stack(blocks)`` with the stored blocks of thos
 columns laid side by side. The layout is static, so the loop unrolls at trace time and
 every dot has a static shape; a fully dense run degenerates to one plain matmul.
 
+The gathered ``x[:, rows]`` copies are what cost: done over all of ``x`` they stream
+through main memory once per output column. So the rows are processed ``XLA_BLOCK_M``
+at a time inside a ``lax.scan``: a row tile of ``x`` and its gathers stay in cache.
+On a 2-core CPU at x ``[2048, 4096]``, 128x128 blocks, that took density 0.1 from
+2.7x to ~4.4x faster than dense and density 0.34 from 0.9x to ~1.6x (tiles of 64,
+128, 256 and 512 rows tried; 256 was best).
+
 All functions take 2-D operands already padded to the layout's padded shape:
 ``x [M, Kp]``, ``dy [M, Np]``, ``blocks [nnz, bk, bn]``.
 """
@@ -55,8 +62,25 @@ def _dot(a, b, dims=((1,), (0,))):
     return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
 
 
+XLA_BLOCK_M = 256  # rows per scan step of the forward and input-gradient products
+
+
 def matmul(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
-    """``x [M, Kp] @ w`` -> f32 ``[M, Np]``."""
+    """``x [M, Kp] @ w`` -> f32 ``[M, Np]``, ``XLA_BLOCK_M`` rows per scan step."""
+    m, kp = x.shape
+    full = m // XLA_BLOCK_M * XLA_BLOCK_M
+    if full <= XLA_BLOCK_M:
+        return _matmul_rows(x, blocks, layout)
+    tiles = x[:full].reshape(full // XLA_BLOCK_M, XLA_BLOCK_M, kp)
+    _, out = jax.lax.scan(lambda _, t: (None, _matmul_rows(t, blocks, layout)), None, tiles)
+    out = out.reshape(full, -1)
+    if full < m:  # the remainder rows: one more (smaller) call, no padding copy
+        out = jnp.concatenate([out, _matmul_rows(x[full:], blocks, layout)], axis=0)
+    return out
+
+
+def _matmul_rows(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``x [m, Kp] @ w`` -> f32 ``[m, Np]`` for one row tile: one dot per column run."""
     (bk, bn), m = layout.block_shape, x.shape[0]
     outs = []
     for first, end, rows in _column_runs(layout):
