@@ -63,9 +63,6 @@ CASES = {
     ),
     "top2-shared": dict(router=TokenRouterConfig(num_experts=4, top_k=2), num_shared_experts=2),
     "expert-choice": dict(router=ExpertChoiceRouterConfig(num_experts=4, capacity_factor=1.5)),
-    "reference-impl": dict(
-        router=TokenRouterConfig(num_experts=4, top_k=2), implementation="reference"
-    ),
 }
 
 
@@ -198,6 +195,12 @@ def test_implementation_reaches_the_kernels(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(moe_module, "grouped_matmul", spy)
-    block = _block(TokenRouterConfig(num_experts=2, top_k=1), implementation="reference")
-    block(_tokens(17, 4))
-    assert seen == [("reference", False)] * 2
+    for implementation, interpret in [("reference", False), ("pallas", True), (None, False)]:
+        seen.clear()
+        block = _block(
+            TokenRouterConfig(num_experts=2, top_k=1),
+            implementation=implementation,
+            interpret=interpret,
+        )
+        jax.eval_shape(lambda x, block=block: block(x)[0], _tokens(17, 4))  # tracing is enough
+        assert seen == [(implementation, interpret)] * 2
