@@ -5,9 +5,19 @@ Every op takes ``implementation=None | "pallas" | "xla" | "reference"``,
 implementation runs where.
 """
 
+from kernels import moe
 from kernels.block_sparse import BlockSparseMatrix, block_sparse_matmul
+from kernels.flash_attention import flash_attention
+from kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
+from kernels.paged_attention import paged_attention, paged_prefill_attention
 
 __all__ = [
     "BlockSparseMatrix",
     "block_sparse_matmul",
+    "flash_attention",
+    "grouped_matmul",
+    "moe",
+    "paged_attention",
+    "paged_prefill_attention",
+    "transposed_grouped_matmul",
 ]

@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 import jax
 
 # Op sub-packages that define ``lowering_cases() -> list[LoweringCase]``.
-OP_MODULES: tuple[str, ...] = ("kernels.block_sparse",)
+OP_MODULES: tuple[str, ...] = (
+    "kernels.block_sparse",
+    "kernels.flash_attention",
+    "kernels.grouped_matmul",
+    "kernels.paged_attention",
+)
 
 
 @dataclasses.dataclass(frozen=True)
