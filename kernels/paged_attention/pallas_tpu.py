@@ -19,6 +19,11 @@ one block later) for the same reason; its tokens are masked by their *logical*
 position, so what the slot holds never matters. Table entries are clipped into
 ``[0, P)`` first: garbage in unused entries cannot index out of bounds.
 
+All ``S*G`` query rows of a (sequence, kv head) stay resident in VMEM with their f32
+accumulator and a ``[rows, block_tokens]`` logits tile: sized for decode, speculative
+verification and prefill chunks of up to a few hundred tokens, not whole prompts
+(``kernels.flash_attention`` tiles the queries).
+
 On TPU, ``page_size`` should be a multiple of the sublane tile (8 for f32, 16 for
 bf16) so the pages of a block concatenate without relayout; checked here only by
 lowering (``lowering_cases``), not on hardware.

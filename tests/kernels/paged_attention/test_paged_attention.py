@@ -65,18 +65,26 @@ def problem(shape_name, dtype, seed=0, **kw):
     )
 
 
+def ready(x):
+    # Wait for every interpret-mode kernel before dispatching anything else: jax
+    # 0.10.2's TPU interpreter runs jnp arithmetic inside an io_callback at its final
+    # barrier (SharedMemory.update_clocks_for_device_barrier), which can deadlock
+    # against ops dispatched meanwhile from the main thread on a 2-core host.
+    return jax.block_until_ready(x)
+
+
 def call(q, *cache, **kw):
     """Decode entry point for S = 1, the chunk entry point otherwise; -> [B, S, Hq, D]."""
     if q.shape[1] == 1:
-        return paged_attention(q[:, 0], *cache, **kw)[:, None]
-    return paged_prefill_attention(q, *cache, **kw)
+        return ready(paged_attention(q[:, 0], *cache, **kw)[:, None])
+    return ready(paged_prefill_attention(q, *cache, **kw))
 
 
 def check(shape_name, dtype, impl_kw, *, sliding_window=None, logits_soft_cap=None, **kw):
     q, *cache = problem(shape_name, dtype, **kw)
     flags = dict(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     run = jax.jit(functools.partial(call, block_sizes=BLOCKS, **flags, **impl_kw))
-    out = run(q, *cache)
+    out = ready(run(q, *cache))
     expected = call(q, *cache, implementation="reference", **flags)
     assert out.shape == q.shape
     assert out.dtype == dtype
@@ -180,7 +188,7 @@ def test_evicted_pages_before_the_window_are_never_used(impl):
 def test_block_sizes_that_do_not_divide_the_table(impl, pages_per_block):
     q, *cache = problem("decode-h=2/2-d=64-p=8", jnp.float32)
     blocks = BlockSizes(pages_per_block=pages_per_block, xla_pages_per_block=pages_per_block)
-    out = paged_attention(q[:, 0], *cache, block_sizes=blocks, **IMPLS[impl])
+    out = ready(paged_attention(q[:, 0], *cache, block_sizes=blocks, **IMPLS[impl]))
     assert_close(out, paged_attention(q[:, 0], *cache, implementation="reference"), jnp.float32)
 
 
@@ -188,7 +196,7 @@ def test_block_sizes_that_do_not_divide_the_table(impl, pages_per_block):
 def test_empty_sequences_give_zeros(impl):
     q, k_pages, v_pages, _, table = problem("decode-h=4/2-d=80-p=16", jnp.float32)
     lengths = np.zeros(len(table), np.int32)
-    out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, **IMPLS[impl])
+    out = ready(paged_attention(q[:, 0], k_pages, v_pages, lengths, table, **IMPLS[impl]))
     np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
@@ -199,10 +207,10 @@ def test_chunk_equals_one_decode_step_per_query(impl):
     q, k_pages, v_pages, lengths, table = problem("chunk=3-h=4/2-d=64-p=8", jnp.float32)
     s = q.shape[1]
     kw = dict(sliding_window=6, logits_soft_cap=5.0, block_sizes=BLOCKS, **IMPLS[impl])
-    chunk = paged_prefill_attention(q, k_pages, v_pages, lengths, table, **kw)
+    chunk = ready(paged_prefill_attention(q, k_pages, v_pages, lengths, table, **kw))
     for j in range(s):
         steps = np.maximum(lengths - s + 1 + j, 0).astype(np.int32)
-        decode = paged_attention(q[:, j], k_pages, v_pages, steps, table, **kw)
+        decode = ready(paged_attention(q[:, j], k_pages, v_pages, steps, table, **kw))
         assert_close(chunk[:, j], decode, jnp.float32, err_msg=f"query {j}")
 
 
