@@ -250,8 +250,9 @@ def paged_attention(
 
 
 def lowering_cases():
-    """The Pallas kernel exported for TPU: bf16 GQA decode, and a windowed, soft-capped
-    f32 chunk of 4 queries (see ``kernels.lowering``)."""
+    """The Pallas kernel exported for TPU: bf16 GQA decode, f32 MHA decode with D = 80
+    and 8-token pages, and a windowed, soft-capped f32 chunk of 4 queries (see
+    ``kernels.lowering``)."""
     from kernels.lowering import LoweringCase
 
     def pages(dtype):
@@ -268,11 +269,17 @@ def lowering_cases():
         block_sizes=BlockSizes(pages_per_block=4),
     )
     bf16, f32 = jnp.bfloat16, jnp.float32
+    mha_pages = jax.ShapeDtypeStruct((4, 64, 8, 80), f32)  # page 8, D = 80
     return [
         LoweringCase(
             "paged_attention.decode",
             decode,
             (jax.ShapeDtypeStruct((4, 8, 128), bf16), pages(bf16), pages(bf16), lengths, table),
+        ),
+        LoweringCase(
+            "paged_attention.decode(mha,d=80,f32)",
+            decode,
+            (jax.ShapeDtypeStruct((4, 4, 80), f32), mha_pages, mha_pages, lengths, table),
         ),
         LoweringCase(
             "paged_attention.chunk(window,cap)",
