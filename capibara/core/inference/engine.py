@@ -64,11 +64,13 @@ class _AsyncSink:
             self.future.set_result(generation)
 
     def on_token(self, request, token_id, text):
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, StreamEvent(token_id, text))
+        self.loop.call_soon_threadsafe(
+            self.queue.put_nowait, StreamEvent(token_id=token_id, text=text)
+        )
 
     def on_finish(self, request, generation, text):
         self.loop.call_soon_threadsafe(
-            self.queue.put_nowait, StreamEvent(None, text, generation=generation)
+            self.queue.put_nowait, StreamEvent(token_id=None, text=text, generation=generation)
         )
         self.loop.call_soon_threadsafe(self._finish, generation)
 
@@ -187,27 +189,36 @@ class CapibaraInference:
 
     # -- the step loop -----------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._scheduler.has_work():
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                plan = self._scheduler.schedule()
-            if plan.prefill is None and not plan.decode:
-                time.sleep(0.001)  # nothing runnable this instant (cannot persist)
-                continue
-            start = time.perf_counter()
+        while not self._stopping:
             try:
-                out, load = self._runner.run(plan)
-            except Exception as e:  # a failed step fails its own requests only
+                self._iteration()
+            except Exception as e:  # a bug in the loop itself: fail what runs, keep serving
                 with self._cond:
-                    for r in [*plan.decode, plan.prefill]:
-                        if r is not None and r.state == RUNNING:
-                            self._finish(r, "error", f"step failed: {e!r}")
-                continue
+                    for r in list(self._scheduler.running):
+                        self._finish(r, "error", f"engine step failed: {e!r}")
+
+    def _iteration(self) -> None:
+        """One step: plan under the lock, compute outside it, apply under it."""
+        with self._cond:
+            while not self._stopping and not self._scheduler.has_work():
+                self._cond.wait()
+            if self._stopping:
+                return
+            plan = self._scheduler.schedule()
+        if plan.prefill is None and not plan.decode:
+            time.sleep(0.001)  # nothing runnable this instant (cannot persist)
+            return
+        start = time.perf_counter()
+        try:
+            out, load = self._runner.run(plan)
+        except Exception as e:  # a failed step fails its own requests only
             with self._cond:
-                self._apply(plan, out, load, time.perf_counter() - start)
+                for r in [*plan.decode, plan.prefill]:
+                    if r is not None and r.state == RUNNING:
+                        self._finish(r, "error", f"step failed: {e!r}")
+            return
+        with self._cond:
+            self._apply(plan, out, load, time.perf_counter() - start)
 
     def _apply(self, plan, out, load, seconds) -> None:
         new_tokens = 0
@@ -400,8 +411,9 @@ class CapibaraInference:
     # -- introspection -----------------------------------------------------------------
     @property
     def num_compilations(self) -> int:
-        """Compiled step shapes so far (at most ``1 + len(config.prefill_buckets)``)."""
-        return self._runner.compilations
+        """Step shapes run so far, each compiled once per process (at most ``1 +
+        len(config.prefill_buckets)``, whatever the workload)."""
+        return len(self._runner.shapes)
 
     def page_counts(self) -> dict[str, int]:
         """``free``, ``capacity`` and ``prefix_cache`` pages of the pool."""

@@ -10,6 +10,8 @@ row and one per prefill bucket, whatever the workload: ``1 + len(buckets)`` at m
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,30 +24,36 @@ from capibara.core.inference.scheduler import StepPlan
 from capibara.core.layers import PagedBatch
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _step(graphdef, state, cache, tokens, batch: PagedBatch, sampling: SamplingBatch):
+    """``(tokens int32 [R], new cache, expert load or None)``: one step, then sampling.
+
+    Module level with the graph definition static, so engines serving the same
+    model structure at the same sizes share compiled steps."""
+    logits, cache, load = nnx.merge(graphdef, state).forward_with_cache(tokens, cache, batch)
+    return sample(logits, sampling), cache, load
+
+
 class ModelRunner:
     """Owns the device state (parameters, KV cache) and runs ``StepPlan`` s."""
 
     def __init__(self, model, config: EngineConfig):
         self.config = config
         self.model_config = model.config
-        graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = nnx.split(model)
         self.cache = allocate_cache(model.config, config.num_pages, config.page_size)
-        self.compilations = 0  # traces of the step: one per compiled shape
-
-        def step(state, cache, tokens, batch, sampling):
-            self.compilations += 1  # runs at trace time only
-            logits, cache, load = nnx.merge(graphdef, state).forward_with_cache(
-                tokens, cache, batch
-            )
-            return sample(logits, sampling), cache, load
-
-        self._step = jax.jit(step, donate_argnums=(1,))
+        # Step shapes this engine has run: each is compiled once per process (or found
+        # in jit's cache when another engine compiled it first).
+        self.shapes: set[int] = set()
 
     def run(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray | None]:
         """Runs one step; returns the sampled tokens ``[max_slots + (1 if prefill)]``
         (decode rows by slot, then the prefill row) and the expert load ``[L_moe, E]``."""
         tokens, batch, sampling = self._inputs(plan)
-        out, self.cache, load = self._step(self.state, self.cache, tokens, batch, sampling)
+        self.shapes.add(plan.bucket if plan.prefill is not None else 0)
+        out, self.cache, load = _step(
+            self.graphdef, self.state, self.cache, tokens, batch, sampling
+        )
         return np.asarray(out), (None if load is None else np.asarray(load))
 
     def _inputs(self, plan: StepPlan):
