@@ -6,10 +6,12 @@ Rows per (pass, shape, dtype): ``jax.nn.dot_product_attention`` (baseline), toka
 ``kernels.flash_attention`` runs on CPU). GFLOP/s use the nominal count
 ``4·B·H·S·T·D``, ×0.5 causal, ×2.5 with the backward pass.
 
-Every row is checked before it is timed: against the materialized reference up to
-S = 4096, and at S = 16384 (where the reference cannot fit) against torch in f32.
-Peers that would take minutes or cannot fit in this machine's memory are listed with a
-note saying why, not silently dropped. Rounds are few (the whole module runs in
+Every row is checked: against the materialized reference up to S = 4096, and at
+S = 16384 (where the reference cannot fit) against torch in f32. capibara rows must
+pass before they are timed; a peer outside the tolerance is still timed and its note
+says by how much it is off (torch's bf16 backward keeps bf16 intermediates). Peers
+that would take minutes or cannot fit in this machine's memory are listed in the
+group's baseline note saying why, not silently dropped. Rounds are few (the whole module runs in
 minutes on 2 cores): medians of 3, or of 1 at the largest shapes.
 
 The long-context row runs S = T = 32768 through the xla path only: the materialized
@@ -31,7 +33,7 @@ from absl import flags as absl_flags
 
 from kernels import flash_attention
 from kernels.flash_attention import flops
-from kernels.testing import assert_close
+from kernels.testing import assert_close, tolerance
 
 # tokamax reads absl flags, which otherwise try to parse pytest's own argv.
 if not absl_flags.FLAGS.is_parsed():
@@ -134,22 +136,38 @@ SHAPES = {
     "GQA32/8-S4096": (1, 4096, 32, 8, 128),
 }
 
-# Peers left out of a (shape, pass): impl -> why (shown as a row note, never dropped).
+# Peers left out of a (shape, pass, dtype): impl -> why. Shown in the group's baseline
+# row note, never silently dropped. Times quoted were measured on this 2-core host.
+_MATERIALIZES = "materializes 8.6 GB of f32 scores (+copies): too much for this 23 GB host"
+_KEEPS_P = "keeps [H, S, T] probabilities for the vjp: beyond host memory"
 SKIPS = {
-    ("S16384", False): {
-        "jax.nn (xla)": "materializes 8.6 GB f32 scores (+copies) on a 23 GB shared host",
-        "tokamax xla": "materializes 8.6 GB f32 scores (+copies) on a 23 GB shared host",
+    ("S16384", False, "float32"): {"jax.nn (xla)": _MATERIALIZES, "tokamax xla": _MATERIALIZES},
+    ("S16384", False, "bfloat16"): {
+        "jax.nn (xla)": _MATERIALIZES,
+        "tokamax xla": _MATERIALIZES,
+        "tokamax xla_chunked": "~14 s per call x 3 runs: over the time budget (f32 row has it)",
     },
-    ("S16384", True): {
-        "jax.nn (xla)": "keeps [H,S,T] probabilities for the vjp: beyond host memory",
-        "tokamax xla": "keeps [H,S,T] probabilities for the vjp: beyond host memory",
-        "tokamax xla_chunked": "~4 min per fwd+bwd here (3 runs needed): over the time budget",
+    ("S16384", True, "float32"): {
+        "jax.nn (xla)": _KEEPS_P,
+        "tokamax xla": _KEEPS_P,
+        "tokamax xla_chunked": "~1 min per fwd+bwd x 3 runs: over the time budget",
     },
-    ("GQA32/8-S4096", True): {
-        "jax.nn (xla)": "~20 s per fwd+bwd (x3 runs): over the time budget",
-        "tokamax xla": "~20 s per fwd+bwd (x3 runs): over the time budget",
+    ("S16384", True, "bfloat16"): {
+        "jax.nn (xla)": _KEEPS_P,
+        "tokamax xla": _KEEPS_P,
+        "tokamax xla_chunked": "~1 min per fwd+bwd x 3 runs: over the time budget",
+        "torch sdpa (cpu)": "~30 s per bf16 fwd+bwd x 3 runs: over the time budget (f32 has it)",
+    },
+    ("GQA32/8-S4096", False, "float32"): {
+        "tokamax xla": "materializes like jax.nn, ~15 s per call: over the time budget",
+    },
+    ("GQA32/8-S4096", True, "float32"): {
+        "jax.nn (xla)": "~45 s per fwd+bwd x 3 runs: over the time budget",
+        "tokamax xla": "~45 s per fwd+bwd x 3 runs: over the time budget",
+        "tokamax xla_chunked": "~60 s per fwd+bwd x 3 runs: over the time budget",
     },
 }
+
 
 IMPLS = ["jax.nn (xla)", "tokamax xla", "tokamax xla_chunked", "torch sdpa (cpu)", "capibara xla"]
 IDS = dict(
@@ -161,13 +179,27 @@ CASES = [
     for backward in (False, True)
     for dtype_name in (("float32",) if shape.startswith("GQA") else DTYPES)
     for impl in IMPLS
-    if impl not in SKIPS.get((shape, backward), {})
+    if impl not in SKIPS.get((shape, backward, dtype_name), {})
 ]
 
 
-def _baseline(shape, backward):
-    skipped = SKIPS.get((shape, backward), {})
+def _baseline(shape, backward, dtype_name):
+    skipped = SKIPS.get((shape, backward, dtype_name), {})
     return next(i for i in IMPLS if i not in skipped)
+
+
+def _peer_check(got, want, dtype_name, scale):
+    """``""`` if a peer's result passes the check, else a note saying by how much it fails
+    (peers are timed anyway; capibara rows are checked strictly by ``measure``)."""
+    failures = []
+    for name, g, w in zip(["out", "dq", "dk", "dv"], jax.tree.leaves(got), want, strict=False):
+        try:
+            assert_close(g, w, DTYPES[dtype_name], scale=scale)
+        except AssertionError:
+            err = float(np.max(np.abs(np.asarray(g, np.float32) - w)))
+            failures.append(f"{name} max err {err:.3g}")
+    tol = tolerance(DTYPES[dtype_name], scale=scale)["atol"]
+    return f"CHECK FAILED vs expected (atol {tol:.3g}): {', '.join(failures)}" if failures else ""
 
 
 @pytest.mark.parametrize(
@@ -175,9 +207,9 @@ def _baseline(shape, backward):
     CASES,
     ids=[f"flash-{s}-{t}-{'fwdbwd' if bw else 'fwd'}-{IDS[i]}" for s, t, bw, i in CASES],
 )
-def bench_flash_attention(measure, shape, dtype_name, backward, impl):
+def bench_flash_attention(measure, benchmark, shape, dtype_name, backward, impl):
     b, s, hq, hkv, d = SHAPES[shape]
-    skipped = SKIPS.get((shape, backward), {})
+    skipped = SKIPS.get((shape, backward, dtype_name), {})
     q, k, v, ct = problem(b, s, hq, hkv, d, dtype_name)
     if impl.startswith("torch"):
         gqa = hq != hkv
@@ -191,12 +223,13 @@ def bench_flash_attention(measure, shape, dtype_name, backward, impl):
         args = [q, k, v, ct] if backward else [q, k, v]
     want = expected(b, s, hq, hkv, d, dtype_name, backward)
     scale = max(1.0, *(float(np.max(np.abs(w))) for w in jax.tree.leaves(want)))
-    baseline = _baseline(shape, backward)
+    baseline = _baseline(shape, backward, dtype_name)
     notes = [f"{i} not run: {why}" for i, why in skipped.items()] if impl == baseline else []
     if impl == baseline and baseline != IMPLS[0]:
         notes.insert(0, f"baseline here: {baseline}")
+    strict = impl == "capibara xla"
     big = s >= 16384 or hq > 8
-    measure(
+    out = measure(
         fn,
         *args,
         op="flash_attention fwd+bwd" if backward else "flash_attention fwd",
@@ -204,13 +237,19 @@ def bench_flash_attention(measure, shape, dtype_name, backward, impl):
         dtype=dtype_name,
         impl=impl,
         flops=flops(b, hq, s, s, d, causal=True, backward=backward),
-        expected=want,
+        expected=want if strict else None,
         tol_dtype=DTYPES[dtype_name],
         tol_scale=scale,
         baseline=impl == baseline,
         rounds=1 if big else 3,
         note="; ".join(notes),
     )
+    if not strict:
+        # Peers are checked on their first output too, but a peer outside our tolerance
+        # is still a peer: its row stays, and the note says by how much it is off.
+        failed = _peer_check(out, jax.tree.leaves(want), dtype_name, scale)
+        if failed:
+            benchmark.extra_info["note"] = "; ".join([failed, *notes])
 
 
 def bench_flash_long_context_xla(measure):

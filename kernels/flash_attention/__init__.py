@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _platform
-from kernels.flash_attention import masks, ops, reference
+from kernels.flash_attention import ops, reference
 from kernels.flash_attention.masks import MaskSpec
 
 __all__ = ["BlockSizes", "MaskSpec", "flash_attention", "flops"]
@@ -215,6 +215,3 @@ def lowering_cases():
         LoweringCase("flash_attention.forward(segments)", forward_segments, (q, kv, kv, *segs)),
         LoweringCase("flash_attention.backward(dq,dk,dv)", backward, (q, kv, kv)),
     ]
-
-
-del masks
