@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from kernels import _platform
 from kernels.paged_attention import pallas_tpu, reference, xla
+from kernels.paged_attention.common import bytes_accessed, flops
 
 __all__ = [
     "BlockSizes",
@@ -79,16 +80,6 @@ class BlockSizes:
     @classmethod
     def get_default(cls) -> BlockSizes:
         return cls()
-
-
-def flops(batch: int, num_queries: int, num_q_heads: int, context: int, head_dim: int) -> int:
-    """Useful FLOPs: ``4·B·S·Hq·T·D`` (scores and ``p @ v``), every query seeing ``T`` keys."""
-    return 4 * batch * num_queries * num_q_heads * context * head_dim
-
-
-def bytes_accessed(batch: int, num_kv_heads: int, context: int, head_dim: int, dtype) -> int:
-    """Minimum HBM traffic of decode: each sequence's live k and v read once."""
-    return 2 * batch * num_kv_heads * context * head_dim * jnp.dtype(dtype).itemsize
 
 
 def _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window):
@@ -159,7 +150,8 @@ def paged_prefill_attention(
     Args:
       q: ``[B, S, Hq, D]``; query ``j`` sits at position ``lengths[b] - S + j``.
       k_pages, v_pages: ``[Hkv, P, page_size, D]`` page pools, same dtype as ``q``.
-      lengths: ``int[B]`` cached tokens per sequence, the ``S`` queried ones included.
+      lengths: ``int[B]`` cached tokens per sequence, the ``S`` queried ones included;
+        ``0 <= lengths[b] <= pages_per_seq * page_size`` (values, so not checked).
       page_table: ``int[B, pages_per_seq]`` pool page of each page of each sequence;
         entries not covering ``[0, lengths[b])`` are ignored (clipped, never used).
       scale: logit scale; ``None`` = ``1/sqrt(D)``.

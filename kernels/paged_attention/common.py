@@ -48,3 +48,13 @@ def soft_cap(s, logits_soft_cap: float | None):
     if logits_soft_cap is None:
         return s
     return logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+
+
+def flops(batch: int, num_queries: int, num_q_heads: int, context: int, head_dim: int) -> int:
+    """Useful FLOPs: ``4·B·S·Hq·T·D`` (scores and ``p @ v``), every query seeing ``T`` keys."""
+    return 4 * batch * num_queries * num_q_heads * context * head_dim
+
+
+def bytes_accessed(batch: int, num_kv_heads: int, context: int, head_dim: int, dtype) -> int:
+    """Minimum HBM traffic: each sequence's ``context`` cached k and v read once."""
+    return 2 * batch * num_kv_heads * context * head_dim * jnp.dtype(dtype).itemsize

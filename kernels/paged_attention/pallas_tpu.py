@@ -17,7 +17,11 @@ asks for the same pages as its neighbour and the pipeline issues no new DMA, whi
 range keeps the page it held one block earlier (or prefetches the page it will hold
 one block later) for the same reason; its tokens are masked by their *logical*
 position, so what the slot holds never matters. Table entries are clipped into
-``[0, P)`` first: garbage in unused entries cannot index out of bounds.
+``[0, P)`` first: garbage in unused entries cannot index out of bounds. Every page of
+the live range is fetched exactly once (``test_pallas_fetches_only_live_pages_once``
+replays the pipeline's rule); the pipeline must fill every slot at a sequence's first
+step, so a sequence shorter than one block fills its spare slots with its last page,
+and an empty one with the page its first table entry (clipped) names.
 
 All ``S*G`` query rows of a (sequence, kv head) stay resident in VMEM with their f32
 accumulator and a ``[rows, block_tokens]`` logits tile: sized for decode, speculative
@@ -233,7 +237,7 @@ def paged_attention(
     page_specs = [page_slot(slot) for slot in range(ppb)]
     row_spec = pl.BlockSpec((None, None, rows_p, d), q_rows)
     offset_spec = pl.BlockSpec((rows_p, block_tokens), whole)
-    itemsize = k_pages.dtype.itemsize
+    capacity = pages_per_seq * page_size
     out = pl.pallas_call(
         functools.partial(
             _paged_attention_kernel,
@@ -260,10 +264,10 @@ def paged_attention(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         cost_estimate=pl.CostEstimate(
-            # Upper bound (every page live): 4·rows·T·D per (sequence, kv head).
-            flops=4 * b * hkv * rows * pages_per_seq * page_size * d,
-            transcendentals=b * hkv * rows * pages_per_seq * page_size,
-            bytes_accessed=2 * hkv * b * pages_per_seq * page_size * d * itemsize
+            # Upper bound: every table entry live (the lengths are values, not shapes).
+            flops=common.flops(b, s, hq, capacity, d),
+            transcendentals=b * s * hq * capacity,
+            bytes_accessed=common.bytes_accessed(b, hkv, capacity, d, k_pages.dtype)
             + 2 * q.size * q.dtype.itemsize,
         ),
         interpret=_interpret_params(interpret),
