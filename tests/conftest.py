@@ -1,0 +1,12 @@
+"""Settings for the whole test suite.
+
+CPU dispatch is made synchronous. JAX 0.10.2's Pallas TPU interpreter finishes each
+kernel inside a host callback that runs jnp arithmetic; with asynchronous dispatch,
+work the test thread queues meanwhile can deadlock that callback on a 2-core host
+(seen as a suite stuck at ~3% CPU). Synchronous dispatch removes the overlap; it
+changes no result.
+"""
+
+import jax
+
+jax.config.update("jax_cpu_enable_async_dispatch", False)
