@@ -1,0 +1,164 @@
+"""The ``capibara`` command line.
+
+capibara generate [--checkpoint DIR] "prompt" [--max-tokens N] [--temperature T] ...
+    streams the generated text to the terminal; without a checkpoint it serves a
+    random-weight ``tiny`` model (byte-level tokenizer), so it runs with no files.
+capibara bench-serve [--checkpoint DIR] [--requests N] [--prompt-len L] ...
+    runs N concurrent requests through the engine and prints its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import numpy as np
+from flax import nnx
+
+from capibara.core.config import preset
+from capibara.core.inference import (
+    CapibaraInference,
+    EngineConfig,
+    SamplingParams,
+    load_tokenizer,
+)
+from capibara.core.model import CapibaraModel
+
+
+def _model(args):
+    overrides = {}
+    if args.dtype:
+        overrides = {"param_dtype": args.dtype, "compute_dtype": args.dtype}
+    if args.checkpoint:
+        return CapibaraModel.from_pretrained(args.checkpoint, **overrides)
+    return CapibaraModel(preset(args.preset, **overrides), rngs=nnx.Rngs(args.seed))
+
+
+def _engine(args, max_seq_len: int) -> CapibaraInference:
+    page_size = args.page_size
+    max_seq_len = -(-max_seq_len // page_size) * page_size
+    pages = args.slots * (max_seq_len // page_size) + 1  # every slot can hold a full sequence
+    config = EngineConfig(
+        max_slots=args.slots,
+        max_seq_len=max_seq_len,
+        page_size=page_size,
+        num_pages=pages,
+        prefill_chunk=args.prefill_chunk,
+        min_prefill_bucket=min(16, args.prefill_chunk),
+    )
+    return CapibaraInference(_model(args), config, load_tokenizer(args.checkpoint))
+
+
+def _sampling(args, seed=None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed if seed is None else seed,
+    )
+
+
+def generate(args) -> int:
+    engine = _engine(args, args.max_seq_len)
+
+    async def run():
+        async for event in engine.stream(args.prompt, _sampling(args)):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            if event.generation is not None:
+                return event.generation
+
+    try:
+        generation = asyncio.run(run())
+    finally:
+        engine.close()
+    sys.stdout.write("\n")
+    m = generation.metrics
+    print(
+        f"[{m.generated_tokens} tokens, finish={generation.finish_reason}, "
+        f"ttft={m.ttft or 0:.3f}s, {1 / m.tpot if m.tpot else 0:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def bench_serve(args) -> int:
+    engine = _engine(args, args.prompt_len + args.max_tokens)
+    vocab = engine.model.config.vocab_size
+    rng = np.random.default_rng(args.seed)
+    prompts = [
+        [int(t) for t in rng.integers(0, vocab, int(n))]
+        for n in rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, args.requests)
+    ]
+
+    async def run():
+        return await engine.generate_async(
+            prompts, [_sampling(args, seed=i) for i in range(len(prompts))]
+        )
+
+    start = time.perf_counter()
+    try:
+        gens = asyncio.run(run())
+        wall = time.perf_counter() - start
+        m = engine.metrics()
+        text = engine.metrics_text()
+    finally:
+        engine.close()
+    tokens = sum(len(g.token_ids) for g in gens)
+    print(f"{len(gens)} requests, {tokens} tokens in {wall:.2f}s: {tokens / wall:.1f} tokens/s")
+    print(
+        f"TTFT mean {m.ttft.mean * 1e3:.1f} ms (p90 {m.ttft.quantiles[0.9] * 1e3:.1f}), "
+        f"TPOT mean {m.tpot.mean * 1e3:.1f} ms, e2e mean {m.e2e_latency.mean:.2f}s, "
+        f"preemptions {m.preemptions}, compilations {m.compilations}"
+    )
+    if args.prometheus:
+        print(text, end="")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capibara", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--checkpoint", help="checkpoint directory (default: random tiny model)")
+        p.add_argument("--preset", default="tiny", help="config preset without a checkpoint")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and compute")
+        p.add_argument("--max-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--slots", type=int, default=8)
+        p.add_argument("--page-size", type=int, default=16)
+        p.add_argument("--prefill-chunk", type=int, default=64)
+
+    gen = sub.add_parser("generate", help="stream one completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-seq-len", type=int, default=512)
+    common(gen)
+    gen.set_defaults(run=generate)
+
+    bench = sub.add_parser("bench-serve", help="serve concurrent requests, print metrics")
+    bench.add_argument("--requests", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, default=32, help="prompts of L/2..L tokens")
+    bench.add_argument("--prometheus", action="store_true", help="print the Prometheus text")
+    common(bench)
+    bench.set_defaults(run=bench_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:  # bad arguments / requests: a message, not a traceback
+        print(f"capibara: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
