@@ -3,16 +3,18 @@
 t = 2048 tokens, top-2 of 8 experts -> m = 4096 routed rows, d = 1024, ffn = 2048:
 ``[4096, 1024] x [8, 1024, 2048] -> [4096, 2048]``, f32 and bf16, with balanced
 routing (512 rows per expert) and a skewed one (half the rows on expert 0). Rows per
-(pass, routing, dtype), all measured in one process:
+(pass, routing, dtype), measured back to back in one process, in this order:
 
-* ``dense same-FLOPs`` (baseline): one ``[4096, 1024] @ [1024, 2048]`` matmul, the
-  same FLOPs as the routed work -- the practical ceiling;
+* ``jax.lax.ragged_dot`` and ``tokamax ragged_dot (xla)``: the peers;
 * ``every-expert einsum``: every token through every expert (``E/k = 4x`` the
   FLOPs), then each routed row picked out -- the dense MoE formulation;
-* ``jax.lax.ragged_dot`` and ``tokamax ragged_dot (xla)``: the peers;
+* ``dense same-FLOPs`` (baseline): one ``[4096, 1024] @ [1024, 2048]`` matmul, the
+  same FLOPs as the routed work -- the practical ceiling;
 * ``capibara xla``: ``grouped_matmul(implementation="xla")``, the CPU default; its
-  note gives its speed-up over each peer measured above (on TPU a ``capibara
-  pallas`` row follows).
+  note gives its speed-up over each peer above and its share of the dense matmul's
+  speed measured *paired* (the two alternated, median of the per-pair ratios), which
+  holds still on a loaded machine where the rows' own medians drift (on TPU a
+  ``capibara pallas`` row follows).
 
 GFLOP/s count the routed work, ``2·m·d·ffn`` (forward) and 3x that (forward+backward,
 gradients of both operands). Every row's result is checked against the reference
@@ -22,6 +24,8 @@ gradients of both operands). Every row's result is checked against the reference
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +44,10 @@ ROUTINGS = {
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
 CASES = [(p, r, t) for p in PASSES for r in ROUTINGS for t in DTYPES]
-IDS = [f"{p}-{r}-{t}" for p, r, t in CASES]
-ROUNDS = 3
+ROUNDS = 3  # the slow peers; the dense baseline and capibara take 5
 
 # (pass, routing, dtype) -> impl -> median seconds, filled as the rows run (peers
-# first, capibara last) so that capibara's note can compare against them.
+# first, capibara last, see ROWS) so that capibara's note can compare against them.
 _medians: dict[tuple[str, str, str], dict[str, float]] = {}
 
 
@@ -95,7 +98,7 @@ def expected(kind: str, routing: str, dtype_name: str):
     return jax.jit(_with_vjp(lambda a, b: ref(a, b, p["sizes"])))(p["lhs"], p["rhs"], p["dy"])
 
 
-def _row(measure, benchmark, fn, args, case, impl, *, expect=True, **kw):
+def _row(measure, benchmark, fn, args, case, impl, *, expect=True, rounds=ROUNDS, **kw):
     kind, routing, dtype_name = case
     want = expected(kind, routing, dtype_name) if expect is True else expect
     measure(
@@ -110,22 +113,39 @@ def _row(measure, benchmark, fn, args, case, impl, *, expect=True, **kw):
         tol_dtype=DTYPES[dtype_name],
         # Outputs are O(1); weight gradients sum up to 2048 rows: O(sqrt(2048)).
         tol_scale=4 if kind == "fwd" else 64,
-        rounds=ROUNDS,
+        rounds=rounds,
         **kw,
     )
     _medians.setdefault(case, {})[impl] = benchmark.stats.stats.median
 
 
-def _grouped_row(measure, benchmark, case, impl, matmul, **kw):
-    """A row for ``matmul(lhs, rhs, group_sizes) -> [m, n]`` (forward, or with its vjp)."""
+def _grouped_call(case, matmul):
+    """``(jitted fn, args)`` for ``matmul(lhs, rhs, group_sizes)``, or with its vjp."""
     kind, routing, dtype_name = case
     p = problem(routing, dtype_name)
     sizes = p["sizes"]
     if kind == "fwd":
-        fn, args = jax.jit(matmul), (p["lhs"], p["rhs"], sizes)
-    else:
-        fn = jax.jit(_with_vjp(lambda a, b: matmul(a, b, sizes)))
-        args = (p["lhs"], p["rhs"], p["dy"])
+        return jax.jit(matmul), (p["lhs"], p["rhs"], sizes)
+    return jax.jit(_with_vjp(lambda a, b: matmul(a, b, sizes))), (p["lhs"], p["rhs"], p["dy"])
+
+
+def _dense_call(case):
+    """``(jitted fn, args)``: one ``[m, d] @ [d, ffn]`` matmul, the routed work's FLOPs."""
+    kind, routing, dtype_name = case
+    p = problem(routing, dtype_name)
+
+    def dense(lhs, w):
+        return jnp.dot(lhs, w, preferred_element_type=jnp.float32).astype(lhs.dtype)
+
+    w = p["rhs"][0]
+    if kind == "fwd":
+        return jax.jit(dense), (p["lhs"], w)
+    return jax.jit(_with_vjp(dense)), (p["lhs"], w, p["dy"])
+
+
+def _grouped_row(measure, benchmark, case, impl, matmul, **kw):
+    """A row for ``matmul(lhs, rhs, group_sizes) -> [m, n]`` (forward, or with its vjp)."""
+    fn, args = _grouped_call(case, matmul)
     _row(measure, benchmark, fn, args, case, impl, **kw)
 
 
@@ -134,24 +154,27 @@ def _f32_accumulate(fn):
     return lambda lhs, rhs, sizes: fn(lhs, rhs, sizes).astype(lhs.dtype)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def bench_dense_same_flops(measure, benchmark, case):
-    kind, routing, dtype_name = case
-    p = problem(routing, dtype_name)
-
-    def dense(lhs, w):  # [m, d] @ [d, ffn]: the routed work's FLOPs in one matmul
-        return jnp.dot(lhs, w, preferred_element_type=jnp.float32).astype(lhs.dtype)
-
-    w = p["rhs"][0]
-    if kind == "fwd":
-        fn, args = jax.jit(dense), (p["lhs"], w)
-    else:
-        fn, args = jax.jit(_with_vjp(dense)), (p["lhs"], w, p["dy"])
-    _row(measure, benchmark, fn, args, case, "dense same-FLOPs", expect=None, baseline=True)
+def _dense_same_flops(measure, benchmark, case, impl):
+    fn, args = _dense_call(case)
+    _row(measure, benchmark, fn, args, case, impl, expect=None, baseline=True, rounds=5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def bench_every_expert_einsum(measure, benchmark, case):
+def _paired_ratio(fast, slow, rounds: int = 7) -> float:
+    """Median over ``rounds`` of ``time(slow) / time(fast)``, each pair run back to back
+    (alternating which goes first): robust to load drifting on a shared machine."""
+    ratios = []
+    for i in range(rounds):
+        times = {}
+        for name in ("fast", "slow") if i % 2 else ("slow", "fast"):
+            fn, args = fast if name == "fast" else slow
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name] = time.perf_counter() - start
+        ratios.append(times["slow"] / times["fast"])
+    return statistics.median(ratios)
+
+
+def _every_expert_einsum(measure, benchmark, case, impl):
     kind, routing, dtype_name = case
     p = problem(routing, dtype_name)
     expert_of_row, token_of_row = p["expert_of_row"], p["token_of_row"]
@@ -169,44 +192,59 @@ def bench_every_expert_einsum(measure, benchmark, case):
         d_tokens = jnp.zeros((T, D), jnp.float32).at[token_of_row].add(d_lhs.astype(jnp.float32))
         want = (out, d_tokens, d_rhs)
     note = f"{E // TOP_K}x the routed FLOPs"
-    _row(measure, benchmark, fn, args, case, "every-expert einsum", expect=want, note=note)
+    _row(measure, benchmark, fn, args, case, impl, expect=want, note=note)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def bench_jax_ragged_dot(measure, benchmark, case):
+def _jax_ragged_dot(measure, benchmark, case, impl):
     ragged = functools.partial(jax.lax.ragged_dot, preferred_element_type=jnp.float32)
-    _grouped_row(measure, benchmark, case, "jax.lax.ragged_dot", _f32_accumulate(ragged))
+    _grouped_row(measure, benchmark, case, impl, _f32_accumulate(ragged))
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def bench_tokamax_ragged_dot(measure, benchmark, case):
+def _tokamax_ragged_dot(measure, benchmark, case, impl):
     ragged = functools.partial(
         tokamax.ragged_dot, preferred_element_type=jnp.float32, implementation="xla"
     )
-    _grouped_row(measure, benchmark, case, "tokamax ragged_dot (xla)", _f32_accumulate(ragged))
+    _grouped_row(measure, benchmark, case, impl, _f32_accumulate(ragged))
 
 
+def _capibara(implementation):
+    def run(measure, benchmark, case, impl):
+        matmul = functools.partial(grouped_matmul, implementation=implementation)
+        _grouped_row(measure, benchmark, case, impl, matmul, rounds=5)
+        # The note: speed-up over each peer measured just before, in this run, and the
+        # share of the dense matmul's speed measured pairwise (see _paired_ratio).
+        medians = _medians[case]
+        mine = medians[impl]
+        ratios = [f"{medians[p] / mine:.1f}x {short}" for p, short in PEERS.items() if p in medians]
+        paired = _paired_ratio(_grouped_call(case, matmul), _dense_call(case))
+        ratios.append(f"{paired:.0%} of dense (paired)")
+        benchmark.extra_info["note"] = "vs " + ", ".join(ratios)
+
+    return run
+
+
+DENSE = "dense same-FLOPs"
 PEERS = {
     "jax.lax.ragged_dot": "ragged_dot",
     "tokamax ragged_dot (xla)": "tokamax",
     "every-expert einsum": "einsum",
 }
-CAPIBARA = [("xla", c) for c in CASES] + (
-    [("pallas", c) for c in CASES] if jax.default_backend() == "tpu" else []
-)
+# Row order within a group: the slow peers, then the dense baseline and capibara last
+# and back to back, so that load drifting on a shared machine skews their ratio least.
+ROWS = {
+    "jax.lax.ragged_dot": _jax_ragged_dot,
+    "tokamax ragged_dot (xla)": _tokamax_ragged_dot,
+    "every-expert einsum": _every_expert_einsum,
+    DENSE: _dense_same_flops,
+    "capibara xla": _capibara("xla"),
+}
+if jax.default_backend() == "tpu":
+    ROWS["capibara pallas"] = _capibara("pallas")
+PARAMS = [(case, impl) for case in CASES for impl in ROWS]
 
 
 @pytest.mark.parametrize(
-    "implementation,case", CAPIBARA, ids=[f"{i}-{'-'.join(c)}" for i, c in CAPIBARA]
+    "case,impl", PARAMS, ids=[f"{'-'.join(case)}-{impl.replace(' ', '_')}" for case, impl in PARAMS]
 )
-def bench_capibara(measure, benchmark, implementation, case):
-    matmul = functools.partial(grouped_matmul, implementation=implementation)
-    impl = f"capibara {implementation}"
-    _grouped_row(measure, benchmark, case, impl, matmul)
-    # The note: speed-up over each peer measured earlier in this run.
-    medians = _medians[case]
-    mine = medians[impl]
-    ratios = [f"{medians[p] / mine:.1f}x {short}" for p, short in PEERS.items() if p in medians]
-    if "dense same-FLOPs" in medians:
-        ratios.append(f"{medians['dense same-FLOPs'] / mine:.0%} of dense")
-    benchmark.extra_info["note"] = "vs " + ", ".join(ratios) if ratios else ""
+def bench_grouped_matmul(measure, benchmark, case, impl):
+    ROWS[impl](measure, benchmark, case, impl)
