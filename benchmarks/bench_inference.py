@@ -1,0 +1,191 @@
+"""Serving the ``small`` config (~125M): greedy generation of 64 tokens after a 32-token
+prompt at batch 1, 8 and 32, f32 and bf16 weights.
+
+Rows per (batch, dtype), in one process on the same random weights: transformers'
+``generate(do_sample=False)`` (the baseline; PyTorch ``LlamaForCausalLM`` with its
+KV cache) and ``CapibaraInference`` (paged KV cache, continuous batching, one jitted
+step; ``max_slots`` = the batch). The timed call generates the whole batch; the note
+gives decode tokens/s (``B·63`` tokens after the first / the time after TTFT) and
+TTFT (first token of the batch: transformers' ``max_new_tokens=1`` call; the
+engine's mean TTFT over the batch's requests). Before timing, each row's first 4
+tokens are checked against greedy decoding with Capibara's plain full forward in f32.
+FLOPs: 2 per weight per generated token (attention over <100 positions is noise).
+
+Rounds are few (the module must stay under ~8 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from capibara.core import checkpoint
+from capibara.core.config import preset
+from capibara.core.inference import CapibaraInference, EngineConfig, SamplingParams
+from capibara.core.model import CapibaraModel
+
+PROMPT, NEW = 32, 64
+BATCHES = [1, 8, 32]
+DTYPES = ["float32", "bfloat16"]
+CHECKED = 4  # leading tokens checked against the f32 no-cache reference
+ROUNDS = {1: 2, 8: 2, 32: 1}
+
+
+@functools.cache
+def _model(dtype: str):
+    config = preset("small", param_dtype=dtype, compute_dtype=dtype)
+    f32 = _f32_model() if dtype != "float32" else None
+    model = CapibaraModel(config, rngs=nnx.Rngs(0))
+    if f32 is not None:  # the same weights, rounded to bf16
+        _, f32_state = nnx.split(f32)
+        graphdef, _ = nnx.split(model)
+        state = jax.tree.map(lambda x: x.astype(dtype), f32_state)
+        model = nnx.merge(graphdef, state)
+    return model
+
+
+def _f32_model():
+    return _model("float32")
+
+
+@functools.cache
+def _prompts(batch: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(0, 32000, (batch, PROMPT)).astype(np.int32)
+
+
+@functools.cache
+def _expected(batch: int) -> np.ndarray:
+    """int ``[B, CHECKED]``: greedy tokens of the f32 model's full forward (no cache)."""
+    model = _f32_model()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t)[0][:, -1].argmax(-1))
+    tokens = jnp.asarray(_prompts(batch))
+    for _ in range(CHECKED):
+        tokens = jnp.concatenate([tokens, forward(state, tokens)[:, None]], axis=1)
+    return np.asarray(tokens[:, PROMPT:])
+
+
+@functools.cache
+def _torch_model(dtype: str):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = _f32_model().config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        max_position_embeddings=256,
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    state = {k: torch.from_numpy(v) for k, v in checkpoint.state_tensors(_f32_model()).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    hf.generation_config.eos_token_id = None  # always NEW tokens
+    hf.generation_config.pad_token_id = None
+    return hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+
+
+def _row(measure, benchmark, fn, batch, dtype, impl, ttft_fn, **kw):
+    measure(
+        fn,
+        op="serve greedy 32+64",
+        shape=f"small(125M) batch {batch}",
+        dtype=dtype,
+        impl=impl,
+        flops=2.0 * _f32_model().config.num_parameters() * batch * NEW,
+        expected=_expected(batch),
+        tol_dtype=jnp.float32,  # token ids: exact
+        rounds=ROUNDS[batch],
+        **kw,
+    )
+    total = benchmark.stats.stats.median
+    ttft = ttft_fn()
+    decode = batch * (NEW - 1) / max(total - ttft, 1e-9)
+    note = benchmark.extra_info.get("note", "")
+    benchmark.extra_info["note"] = f"decode {decode:,.0f} tok/s, TTFT {ttft * 1e3:,.0f} ms" + (
+        f"; {note}" if note else ""
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def bench_transformers(measure, benchmark, batch, dtype):
+    import torch
+
+    hf = _torch_model(dtype)
+    ids = torch.from_numpy(_prompts(batch).astype(np.int64))
+    mask = torch.ones_like(ids)
+
+    def generate(new_tokens=NEW):
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens)
+        return out[:, PROMPT : PROMPT + CHECKED].numpy()
+
+    def ttft():
+        start = time.perf_counter()
+        generate(1)
+        return time.perf_counter() - start
+
+    _row(
+        measure,
+        benchmark,
+        generate,
+        batch,
+        dtype,
+        "transformers generate",
+        ttft,
+        baseline=True,
+        note=f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def bench_capibara(measure, benchmark, batch, dtype):
+    pages_per_seq = -(-(PROMPT + NEW) // 16)
+    config = EngineConfig(
+        max_slots=batch,
+        max_seq_len=PROMPT + NEW,
+        page_size=16,
+        num_pages=batch * pages_per_seq + 1,
+        prefill_chunk=PROMPT,
+        min_prefill_bucket=PROMPT,
+        prefix_cache=False,  # distinct random prompts: nothing to share
+    )
+    engine = CapibaraInference(_model(dtype), config)
+    prompts = [list(p) for p in _prompts(batch)]
+    params = SamplingParams(max_tokens=NEW)
+    last: list = []
+
+    def generate():
+        last[:] = engine.generate_batch(prompts, params)
+        return np.asarray([g.token_ids[:CHECKED] for g in last], np.int32)
+
+    try:
+        _row(
+            measure,
+            benchmark,
+            generate,
+            batch,
+            dtype,
+            "capibara engine",
+            lambda: float(np.mean([g.metrics.ttft for g in last])),  # the last timed run
+        )
+        benchmark.extra_info["note"] += (
+            f"; {jax.default_backend()}: xla kernels, {engine.num_compilations} compiled shapes"
+        )
+    finally:
+        engine.close()
