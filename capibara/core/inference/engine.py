@@ -160,8 +160,10 @@ class CapibaraInference:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None and not params.ignore_eos:
             stop_ids.add(eos)
-        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
-        request = Request(next(self._ids), ids, params, seed, frozenset(stop_ids), sink)
+        with self._cond:  # callers may submit from several threads
+            seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
+            request_id = next(self._ids)
+        request = Request(request_id, ids, params, seed, frozenset(stop_ids), sink)
         request.decoder = IncrementalDecoder(self.tokenizer, params.stop)
         return request
 
