@@ -1,10 +1,10 @@
-"""Settings for the whole test suite.
+"""Settings for every pytest run in the repository (tests and benchmarks).
 
 CPU dispatch is made synchronous. JAX 0.10.2's Pallas TPU interpreter finishes each
 kernel inside a host callback that runs jnp arithmetic; with asynchronous dispatch,
 work the test thread queues meanwhile can deadlock that callback on a 2-core host
 (seen as a suite stuck at ~3% CPU). Synchronous dispatch removes the overlap; it
-changes no result.
+changes no result, and benchmarks block on every result anyway.
 """
 
 import jax
