@@ -46,6 +46,18 @@ RUNNABLE: dict[str, tuple[str, ...]] = {
 }
 
 
+def interpret_params(interpret: bool):
+    """The ``interpret=`` value for a Pallas TPU ``pallas_call``.
+
+    ``pltpu.InterpretParams()`` simulates TPU semantics on any backend: scalar
+    prefetch, VMEM scratch, DMAs skipped when a block index repeats; uninitialized
+    memory reads as NaN and out-of-bounds reads raise, so a kernel test catches both.
+    """
+    from jax.experimental.pallas import tpu as pltpu  # only the kernels need Pallas
+
+    return pltpu.InterpretParams() if interpret else False
+
+
 def validate_implementation(implementation: str | None) -> None:
     """Raises ``ValueError`` for anything but ``None`` or a known implementation name."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:

@@ -19,13 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import _platform
 from kernels.block_sparse import metadata
 from kernels.block_sparse.layout import BlockLayout
-
-
-def _interpret_params(interpret: bool):
-    # TPU semantics (scalar prefetch, VMEM scratch) simulated on any backend.
-    return pltpu.InterpretParams() if interpret else False
 
 
 def _accumulate_kernel(
@@ -99,7 +95,7 @@ def _sparse_product(
             bytes_accessed=(x.size + m * out_width) * itemsize
             + blocks.size * blocks.dtype.itemsize * (m // block_m),
         ),
-        interpret=_interpret_params(interpret),
+        interpret=_platform.interpret_params(interpret),
     )(schedule.block_ids, schedule.in_ids, schedule.out_ids, schedule.flags, x, blocks)
 
 
@@ -187,5 +183,5 @@ def weight_grad(x, dy, layout: BlockLayout, *, block_m: int, out_dtype, interpre
             transcendentals=0,
             bytes_accessed=layout.nnz * (m * (bk + bn) * x.dtype.itemsize + bk * bn * 4),
         ),
-        interpret=_interpret_params(interpret),
+        interpret=_platform.interpret_params(interpret),
     )(layout.rows, layout.cols, x, dy)

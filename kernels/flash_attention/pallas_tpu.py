@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import _platform
 from kernels.flash_attention import masks
 
 LANES = 128
@@ -89,11 +90,6 @@ def schedule(
         rows.extend(steps)
     q_tiles, k_tiles, flags = (np.asarray(c, np.int32) for c in zip(*rows, strict=True))
     return Schedule(q_tiles, k_tiles, flags)
-
-
-def _interpret_params(interpret: bool):
-    # TPU semantics (scalar prefetch, VMEM scratch) simulated on any backend.
-    return pltpu.InterpretParams() if interpret else False
 
 
 def _logits(q_tile, k_tile, q, k, seg_refs, *, spec, scale, cap, block_q, block_k, masked):
@@ -253,7 +249,7 @@ def forward(q, k, v, q_seg, kv_seg, *, spec, scale, cap, block_q, block_k, inter
             transcendentals=block_q * block_k * tiles,
             bytes_accessed=(qt.size * 2 + kt.size * 2) * q.dtype.itemsize,
         ),
-        interpret=_interpret_params(interpret),
+        interpret=_platform.interpret_params(interpret),
     )(sched.q_tiles, sched.k_tiles, sched.flags, qt, kt, vt, *segs)
     return out[:, :, :s].transpose(0, 2, 1, 3), lse
 
@@ -364,7 +360,7 @@ def backward(
     delta = jnp.broadcast_to(delta[..., None], (bsz, hq, sp, LANES))
     kw = dict(spec=spec, scale=scale, cap=cap, block_q=block_q, block_k=block_k)
     itemsize = q.dtype.itemsize
-    params = _interpret_params(interpret)
+    params = _platform.interpret_params(interpret)
 
     # -- dq: grid (B, Hq, steps), query-major schedule -------------------------------
     sched = schedule(spec, block_q, block_k, segments=bool(segs))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import _platform
 from kernels.grouped_matmul import metadata
 
 NUM_SCALAR_PREFETCH = 5  # starts, ends, group_ids, m_tile_ids, num_active
@@ -75,12 +76,6 @@ class BlockSizes:
             block_k=min(self.block_k, _round_up(max(k, 1), 128)),
             block_n=min(self.block_n, _round_up(max(n, 1), 128)),
         )
-
-
-def _interpret_params(interpret: bool):
-    # TPU semantics (scalar prefetch, VMEM scratch, uninitialized memory as NaN,
-    # out-of-bounds reads raise) simulated on any backend.
-    return pltpu.InterpretParams() if interpret else False
 
 
 def _row_mask(start, end, row0, shape):
@@ -211,7 +206,7 @@ def gmm(
             bytes_accessed=(lhs.size * tiles_n + steps * k_padded * n_padded + m * n_padded)
             * itemsize,
         ),
-        interpret=_interpret_params(interpret),
+        interpret=_platform.interpret_params(interpret),
     )(*meta, lhs, rhs)
 
 
@@ -325,5 +320,5 @@ def tgmm(
             bytes_accessed=(lhs.size * tiles_n + rhs.size * tiles_k) * itemsize
             + num_groups * k_padded * n_padded * jnp.dtype(out_dtype).itemsize,
         ),
-        interpret=_interpret_params(interpret),
+        interpret=_platform.interpret_params(interpret),
     )(*meta, lhs, rhs)

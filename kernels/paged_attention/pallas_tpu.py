@@ -43,14 +43,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import _platform
 from kernels.paged_attention import common
 
 _LANES = 128  # m and l are kept lane-replicated: [rows, 128], the native f32 tile
-
-
-def _interpret_params(interpret: bool):
-    # TPU semantics (scalar prefetch, VMEM scratch, DMA skipping) simulated anywhere.
-    return pltpu.InterpretParams() if interpret else False
 
 
 def _live_blocks(length, *, num_queries, sliding_window, block_tokens, page_size):
@@ -270,7 +266,7 @@ def paged_attention(
             bytes_accessed=common.bytes_accessed(b, hkv, capacity, d, k_pages.dtype)
             + 2 * q.size * q.dtype.itemsize,
         ),
-        interpret=_interpret_params(interpret),
+        interpret=_platform.interpret_params(interpret),
     )(lengths.astype(jnp.int32), table, qr, q_offset, *([k_pages] * ppb), *([v_pages] * ppb))
     out = out[:, :, :rows].reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, s, hq, d)
