@@ -114,6 +114,7 @@ def bench_torch_bsr(measure, density, dtype_name):
         "torch bsr",
         rounds=3,
         note=f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        peer=True,
     )
 
 
