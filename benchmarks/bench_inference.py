@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capibara.core import checkpoint
+from benchmarks.torch_peer import llama_with_weights_of
 from capibara.core.config import preset
 from capibara.core.inference import CapibaraInference, EngineConfig, SamplingParams
 from capibara.core.model import CapibaraModel
@@ -73,29 +73,12 @@ def _expected(batch: int) -> np.ndarray:
 
 @functools.cache
 def _torch_model(dtype: str):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = _f32_model().config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        rope_theta=config.rope_theta,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        max_position_embeddings=256,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    state = {k: torch.from_numpy(v) for k, v in checkpoint.state_tensors(_f32_model()).items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    hf = llama_with_weights_of(_f32_model(), max_positions=256, dtype=dtype)
     hf.generation_config.eos_token_id = None  # always NEW tokens
     hf.generation_config.pad_token_id = None
-    return hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    return hf
 
 
 def _row(measure, benchmark, fn, batch, dtype, impl, ttft_fn, **kw):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capibara.core import checkpoint
+from benchmarks.torch_peer import llama_with_weights_of
 from capibara.core.config import preset
 from capibara.core.model import CapibaraModel
 
@@ -40,27 +40,10 @@ def _models(dtype: str):
 
 @functools.cache
 def _torch_model(dtype: str):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config, model, _ = _models(dtype)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        rope_theta=config.rope_theta,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        max_position_embeddings=SEQ,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    state = {k: torch.from_numpy(v) for k, v in checkpoint.state_tensors(model).items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
-    return hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    _, model, _ = _models(dtype)
+    return llama_with_weights_of(model, max_positions=SEQ, dtype=dtype)
 
 
 @functools.cache
