@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -45,7 +44,3 @@ def train_step(model, optimizer, tokens):
     (_, losses), grads = nnx.value_and_grad(next_token_loss, has_aux=True)(model, tokens)
     optimizer.update(model, grads)
     return losses
-
-
-def cross_entropy_only(losses: dict[str, jax.Array]) -> float:
-    return float(losses["cross_entropy"])

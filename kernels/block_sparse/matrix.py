@@ -47,6 +47,13 @@ def _blocked(w: np.ndarray, block_shape: tuple[int, int]) -> np.ndarray:
     return padded.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
 
 
+def densify(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``blocks [nnz, bk, bn]`` -> the zero-padded ``[K_blocks * bk, N_blocks * bn]`` matrix."""
+    (kb, nb), (bk, bn) = layout.grid, layout.block_shape
+    grid = jnp.zeros((kb, nb, bk, bn), blocks.dtype).at[layout.rows, layout.cols].set(blocks)
+    return grid.transpose(0, 2, 1, 3).reshape(kb * bk, nb * bn)
+
+
 @jax.tree_util.register_pytree_node_class
 class BlockSparseMatrix:
     """A ``[K, N]`` matrix stored as its non-zero ``[bk, bn]`` blocks.
@@ -133,12 +140,8 @@ class BlockSparseMatrix:
     # -- views -----------------------------------------------------------------------
     def to_dense(self) -> jax.Array:
         """The ``[K, N]`` dense matrix (zeros outside the stored blocks)."""
-        layout = self.layout
-        (kb, nb), (bk, bn) = layout.grid, layout.block_shape
-        grid = jnp.zeros((kb, nb, bk, bn), self.dtype)
-        grid = grid.at[layout.rows, layout.cols].set(self.blocks)
-        k, n = layout.shape
-        return grid.transpose(0, 2, 1, 3).reshape(kb * bk, nb * bn)[:k, :n]
+        k, n = self.layout.shape
+        return densify(self.blocks, self.layout)[:k, :n]
 
     def astype(self, dtype) -> BlockSparseMatrix:
         return BlockSparseMatrix(self.blocks.astype(dtype), self.layout)

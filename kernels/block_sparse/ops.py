@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kernels.block_sparse import pallas_tpu, xla
 from kernels.block_sparse.layout import BlockLayout
+from kernels.block_sparse.matrix import densify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +28,6 @@ class OpConfig:
     interpret: bool = False
 
 
-def _densify(blocks, layout: BlockLayout):
-    (kb, nb), (bk, bn) = layout.grid, layout.block_shape
-    grid = jnp.zeros((kb, nb, bk, bn), blocks.dtype).at[layout.rows, layout.cols].set(blocks)
-    return grid.transpose(0, 2, 1, 3).reshape(kb * bk, nb * bn)
-
-
 def _forward(x, blocks, cfg: OpConfig):
     layout = cfg.layout
     if layout.nnz == 0:
@@ -40,7 +35,7 @@ def _forward(x, blocks, cfg: OpConfig):
     if cfg.backend == "pallas":
         return pallas_tpu.matmul(x, blocks, layout, block_m=cfg.block_m, interpret=cfg.interpret)
     if xla.dense_is_faster(layout):
-        out = jnp.dot(x, _densify(blocks, layout), preferred_element_type=jnp.float32)
+        out = jnp.dot(x, densify(blocks, layout), preferred_element_type=jnp.float32)
     else:
         out = xla.matmul(x, blocks, layout)
     return out.astype(x.dtype)
@@ -55,7 +50,7 @@ def _input_grad(dy, blocks, cfg: OpConfig):
             dy, blocks, layout, block_m=cfg.block_m, interpret=cfg.interpret
         )
     if xla.dense_is_faster(layout):
-        out = jnp.dot(dy, _densify(blocks, layout).T, preferred_element_type=jnp.float32)
+        out = jnp.dot(dy, densify(blocks, layout).T, preferred_element_type=jnp.float32)
     else:
         out = xla.matmul_transposed(dy, blocks, layout)
     return out.astype(dy.dtype)

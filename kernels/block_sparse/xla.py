@@ -20,8 +20,6 @@ All functions take 2-D operands already padded to the layout's padded shape:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +115,6 @@ def weight_grad(x: jax.Array, dy: jax.Array, layout: BlockLayout) -> jax.Array:
     return grads[0] if len(grads) == 1 else jnp.concatenate(grads, axis=0)
 
 
-@functools.cache
 def dense_is_faster(layout: BlockLayout) -> bool:
     """Cost model for ``implementation=None`` on CPU: run the dense matmul instead?
 
