@@ -16,24 +16,13 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from capibara.core.model import CapibaraModel  # noqa: E402
+from tests.capibara.tiny_hf import TINY_HF_CONFIG, build_tiny  # noqa: E402
 
 MAX_ABS_DIFF = 1e-4  # the parity bound for f32 logits
 
-COMMON = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rope_theta=5000.0,
-    rms_norm_eps=1e-5,
-)
-
 
 def _tokens(batch=2, seq=17):
-    return np.random.default_rng(0).integers(0, COMMON["vocab_size"], (batch, seq))
+    return np.random.default_rng(0).integers(0, TINY_HF_CONFIG["vocab_size"], (batch, seq))
 
 
 def _hf_logits(model, tokens):
@@ -54,14 +43,8 @@ def _check(hf_model, tmp_path, **overrides):
     return model
 
 
-def _build(cls_name, config_name, **extra):
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**COMMON, **extra)
-    return getattr(transformers, cls_name)(config).float()
-
-
 def test_llama(tmp_path):
-    _check(_build("LlamaForCausalLM", "LlamaConfig"), tmp_path)
+    _check(build_tiny("LlamaForCausalLM", "LlamaConfig"), tmp_path)
 
 
 def test_llama_tied_embeddings_and_llama3_rope_scaling(tmp_path):
@@ -72,7 +55,7 @@ def test_llama_tied_embeddings_and_llama3_rope_scaling(tmp_path):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16,
     }
-    model = _build(
+    model = build_tiny(
         "LlamaForCausalLM", "LlamaConfig", tie_word_embeddings=True, rope_scaling=scaling
     )
     capibara = _check(model, tmp_path)
@@ -80,7 +63,7 @@ def test_llama_tied_embeddings_and_llama3_rope_scaling(tmp_path):
 
 
 def test_qwen2_with_qkv_bias(tmp_path):
-    model = _build("Qwen2ForCausalLM", "Qwen2Config")
+    model = build_tiny("Qwen2ForCausalLM", "Qwen2Config")
     with torch.no_grad():  # random init leaves biases at zero: make them count
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -89,11 +72,11 @@ def test_qwen2_with_qkv_bias(tmp_path):
 
 
 def test_mistral(tmp_path):
-    _check(_build("MistralForCausalLM", "MistralConfig", sliding_window=None), tmp_path)
+    _check(build_tiny("MistralForCausalLM", "MistralConfig", sliding_window=None), tmp_path)
 
 
 def test_sharded_checkpoint(tmp_path):
-    model = _build("LlamaForCausalLM", "LlamaConfig")
+    model = build_tiny("LlamaForCausalLM", "LlamaConfig")
     model.save_pretrained(tmp_path, max_shard_size="50KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     tokens = _tokens()
@@ -103,7 +86,7 @@ def test_sharded_checkpoint(tmp_path):
 
 
 def test_mixtral(tmp_path):
-    model = _build(
+    model = build_tiny(
         "MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2
     )
     capibara = _check(model, tmp_path)
@@ -111,7 +94,7 @@ def test_mixtral(tmp_path):
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    model = _build(
+    model = build_tiny(
         "MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2
     )
     model.save_pretrained(tmp_path / "hf")
@@ -126,7 +109,7 @@ def test_save_pretrained_round_trip(tmp_path):
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    model = _build("LlamaForCausalLM", "LlamaConfig")
+    model = build_tiny("LlamaForCausalLM", "LlamaConfig")
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]

@@ -12,18 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from capibara.core.inference import SamplingParams  # noqa: E402
 from capibara.core.model import CapibaraModel  # noqa: E402
+from tests.capibara.tiny_hf import build_tiny  # noqa: E402
 
-COMMON = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rope_theta=5000.0,
-    rms_norm_eps=1e-5,
-)
 NEW_TOKENS = 10
 
 
@@ -36,9 +26,7 @@ NEW_TOKENS = 10
     ids=["llama", "mixtral"],
 )
 def test_greedy_tokens_equal_transformers_generate(tmp_path, cls_name, config_name, extra):
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**COMMON, **extra)
-    hf = getattr(transformers, cls_name)(config).float().eval()
+    hf = build_tiny(cls_name, config_name, **extra)
     hf.save_pretrained(tmp_path)
     hf.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS, like the engine
     hf.generation_config.pad_token_id = 0
