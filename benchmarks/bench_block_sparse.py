@@ -67,7 +67,7 @@ def bench_dense_xla(measure, density, dtype_name):
 @pytest.mark.parametrize("density,dtype_name", CASES, ids=IDS)
 def bench_auto(measure, density, dtype_name):
     x, w, _, _ = problem(density, dtype_name)
-    route = "dense fallback" if xla.dense_is_faster(w.layout) else "blocked"
+    route = "dense route" if xla.dense_is_faster(w.layout, x.dtype) else "blocked"
     note = f"{jax.default_backend()} default ({route})" if jax.default_backend() == "cpu" else ""
     _row(
         measure,

@@ -34,8 +34,8 @@ def _forward(x, blocks, cfg: OpConfig):
         return jnp.zeros((x.shape[0], layout.padded_shape[1]), x.dtype)
     if cfg.backend == "pallas":
         return pallas_tpu.matmul(x, blocks, layout, block_m=cfg.block_m, interpret=cfg.interpret)
-    if xla.dense_is_faster(layout):
-        out = jnp.dot(x, densify(blocks, layout), preferred_element_type=jnp.float32)
+    if xla.dense_is_faster(layout, x.dtype):
+        out = xla.matmul_dense_columns(x, blocks, layout)
     else:
         out = xla.matmul(x, blocks, layout)
     return out.astype(x.dtype)
@@ -49,7 +49,7 @@ def _input_grad(dy, blocks, cfg: OpConfig):
         return pallas_tpu.matmul_transposed(
             dy, blocks, layout, block_m=cfg.block_m, interpret=cfg.interpret
         )
-    if xla.dense_is_faster(layout):
+    if xla.dense_is_faster(layout, dy.dtype):
         out = jnp.dot(dy, densify(blocks, layout).T, preferred_element_type=jnp.float32)
     else:
         out = xla.matmul_transposed(dy, blocks, layout)

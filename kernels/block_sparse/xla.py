@@ -115,14 +115,48 @@ def weight_grad(x: jax.Array, dy: jax.Array, layout: BlockLayout) -> jax.Array:
     return grads[0] if len(grads) == 1 else jnp.concatenate(grads, axis=0)
 
 
-def dense_is_faster(layout: BlockLayout) -> bool:
-    """Cost model for ``implementation=None`` on CPU: run the dense matmul instead?
+def dense_columns(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``blocks [nnz, bk, bn]`` -> ``[N_blocks, Kp, bn]``: every block column as a
+    zero-filled dense ``[Kp, bn]`` matrix.
 
-    Measured on a 2-core CPU (``make bench``): the blocked path pays a gather of ``x``
-    per run of columns and small-``N`` dots, and loses to one dense matmul (plus the
-    scatter of blocks into a dense ``w``) once about 60 % of the blocks are stored.
+    Stored blocks are column-major, so with every block stored this is a free reshape;
+    otherwise one gather copies whole ``[bk, bn]`` blocks into place. Both are cheaper
+    than building the row-major ``[Kp, Np]`` matrix, which interleaves rows of all the
+    blocks of a block row (a transpose of the whole weight; ~15 % of a dense matmul's
+    time here).
     """
-    return layout.density > DENSE_DENSITY_THRESHOLD
+    (kb, nb), (bk, bn) = layout.grid, layout.block_shape
+    if layout.nnz == kb * nb:
+        return blocks.reshape(nb, kb * bk, bn)
+    index = np.zeros((nb, kb), np.int32)
+    index[layout.cols, layout.rows] = np.arange(layout.nnz, dtype=np.int32)
+    stored = layout.mask.T[:, :, None, None]
+    return jnp.where(stored, blocks[index], 0).reshape(nb, kb * bk, bn)
 
 
-DENSE_DENSITY_THRESHOLD = 0.6
+def matmul_dense_columns(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+    """``x [M, Kp] @ w`` -> f32 ``[M, Np]``: one full-``K`` 2-D dot per block column.
+
+    The dense route of ``implementation=None`` on CPU: the same FLOPs as a dense matmul
+    (zero blocks included) without re-laying the weight out as ``[Kp, Np]``. XLA's 2-D
+    dot with ``N = bn`` columns runs as fast per FLOP as one wide dot here.
+    """
+    columns = dense_columns(blocks, layout)
+    outs = [_dot(x, columns[j]) for j in range(layout.grid[1])]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def dense_is_faster(layout: BlockLayout, dtype) -> bool:
+    """Cost model for ``implementation=None`` on CPU: take the dense route?
+
+    The blocked path pays a gather of ``x`` per run of columns and small dots; the dense
+    route (``matmul_dense_columns``) pays the zero blocks' FLOPs. Where they cross was
+    measured with ``make bench`` on a 2-core CPU, per dtype: bf16 dots run about twice as
+    fast as f32 ones while the gathers move only half the bytes less, so bf16 crosses
+    at a lower density.
+    """
+    return layout.density > DENSE_DENSITY_THRESHOLDS.get(jnp.dtype(dtype).name, 0.6)
+
+
+# Density above which the dense route wins, by the dtype of ``x``.
+DENSE_DENSITY_THRESHOLDS = {"float32": 0.6, "bfloat16": 0.45}

@@ -91,12 +91,32 @@ def test_block_m_smaller_than_rows_tiles_rows(implementation, interpret):
     assert_close(out, block_sparse_matmul(x, w, implementation="reference"), jnp.float32, scale=12)
 
 
-def test_xla_takes_dense_route_above_threshold_and_blocked_below():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_xla_takes_dense_route_above_threshold_and_blocked_below(dtype):
     rng = np.random.default_rng(3)
     dense = random_matrix(rng, 256, 256, (64, 64), 1.0)
     sparse = random_matrix(rng, 256, 256, (64, 64), 0.2)
-    assert dense.density > xla.DENSE_DENSITY_THRESHOLD >= sparse.density
-    assert xla.dense_is_faster(dense.layout) and not xla.dense_is_faster(sparse.layout)
+    threshold = xla.DENSE_DENSITY_THRESHOLDS[jnp.dtype(dtype).name]
+    assert dense.density > threshold >= sparse.density
+    assert xla.dense_is_faster(dense.layout, dtype)
+    assert not xla.dense_is_faster(sparse.layout, dtype)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.7, 1.0], ids=lambda d: f"density={d}")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_dense_route_matches_reference(density, dtype):
+    """The dense route (one full-K dot per block column) at any density, including
+    partly stored columns whose missing blocks it zero-fills."""
+    rng = np.random.default_rng(5)
+    w = random_matrix(rng, 200, 300, (64, 32), density, dtype)
+    columns = xla.dense_columns(w.blocks, w.layout)
+    kp, np_ = w.layout.padded_shape
+    padded = jnp.pad(w.to_dense(), ((0, kp - 200), (0, np_ - 300)))
+    np.testing.assert_array_equal(columns, padded.reshape(kp, -1, 32).transpose(1, 0, 2))
+    x = jnp.asarray(rng.standard_normal((13, kp)), dtype)
+    out = xla.matmul_dense_columns(x, w.blocks, w.layout)[:, :300]
+    expected = block_sparse_matmul(x[:, :200], w, implementation="reference")
+    assert_close(out.astype(dtype), expected, dtype, scale=scale_of(200))
 
 
 @pytest.mark.parametrize("implementation,interpret", IMPLS)
