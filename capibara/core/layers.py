@@ -37,6 +37,25 @@ class RMSNorm(nnx.Module):
         return (normed * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
 
 
+def matmul_f32(x, w, *, w_transposed: bool = False):
+    """``x [..., k] @ w [k, n]`` (or ``w [n, k]`` if ``w_transposed``) -> f32 ``[..., n]``.
+
+    Inputs in their own dtype, accumulation in f32. A single row of a 16-bit ``x`` is
+    padded to two: XLA:CPU lowers a one-row bf16 dot to a vector-matrix product that
+    first converts the whole weight to f32 (a materialized copy, every call: ~15x the
+    time of the two-row product, which runs as one bf16 GEMM with f32 accumulation).
+    Batch-1 decoding is exactly that case. f32 keeps one row: its vector path is fast.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    pad = rows.shape[0] == 1 and jnp.dtype(x.dtype).itemsize < 4
+    if pad:
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    contract = ((1,), (1,) if w_transposed else (0,))
+    y = jax.lax.dot_general(rows, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+    return (y[:1] if pad else y).reshape(*lead, y.shape[-1])
+
+
 class Linear(nnx.Module):
     """``x @ kernel (+ bias)``; ``kernel [in, out]`` dense, or block-sparse.
 
@@ -84,12 +103,7 @@ class Linear(nnx.Module):
                 interpret=self.interpret,
             )
         else:
-            y = jnp.einsum(
-                "...i,io->...o",
-                x,
-                kernel.astype(self.compute_dtype),
-                preferred_element_type=jnp.float32,
-            ).astype(self.compute_dtype)
+            y = matmul_f32(x, kernel.astype(self.compute_dtype)).astype(self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.compute_dtype)
         return y
@@ -177,6 +191,23 @@ class PagedBatch:
         return self.prefill_lengths.shape[0]
 
 
+def write_kv(pages, page_ids, offsets, values):
+    """``pages [Hkv, P, page_size, D]`` with ``values [N, Hkv, D]`` stored at
+    ``(page_ids[i], offsets[i])`` for each of the ``N`` tokens.
+
+    16-bit pools are written as ``uint16`` (a bitcast: the bits are the same).
+    XLA:CPU scatters a bf16 operand by converting the whole pool to f32 and back
+    around the scatter, every layer of every step: at 32 sequences that was half the
+    decode step. An integer scatter stays in place.
+    """
+    values = values.transpose(1, 0, 2).astype(pages.dtype)  # [Hkv, N, D]
+    if jnp.dtype(pages.dtype).itemsize != 2:
+        return pages.at[:, page_ids, offsets].set(values)
+    bits = jax.lax.bitcast_convert_type
+    written = bits(pages, jnp.uint16).at[:, page_ids, offsets].set(bits(values, jnp.uint16))
+    return bits(written, pages.dtype)
+
+
 class Attention(nnx.Module):
     """GQA self-attention through ``kernels.flash_attention`` (causal, RoPE)."""
 
@@ -229,12 +260,8 @@ class Attention(nnx.Module):
         q, k, v = q[0], k[0], v[0]  # [N, H, D]
         k_pages, v_pages = kv
         # Written before attending: the kernels read a token's own k/v from the pool.
-        k_pages = k_pages.at[:, batch.write_pages, batch.write_offsets].set(
-            k.transpose(1, 0, 2).astype(k_pages.dtype)
-        )
-        v_pages = v_pages.at[:, batch.write_pages, batch.write_offsets].set(
-            v.transpose(1, 0, 2).astype(v_pages.dtype)
-        )
+        k_pages = write_kv(k_pages, batch.write_pages, batch.write_offsets, k)
+        v_pages = write_kv(v_pages, batch.write_pages, batch.write_offsets, v)
         q = q.astype(k_pages.dtype)
         options = dict(
             sliding_window=self.sliding_window,

@@ -18,7 +18,7 @@ from flax import nnx
 
 from capibara.core import checkpoint
 from capibara.core.config import CapibaraConfig
-from capibara.core.layers import Attention, PagedBatch, RMSNorm, SwiGLU, dtype_of
+from capibara.core.layers import Attention, PagedBatch, RMSNorm, SwiGLU, dtype_of, matmul_f32
 from capibara.core.mixture_of_depths import DualProcessRouter, DualProcessRouterConfig
 from capibara.core.model_moe import make_moe_block
 from capibara.core.router_base import RoutingContext
@@ -38,7 +38,7 @@ class CapibaraEmbedding(nnx.Module):
 
     def attend(self, x):  # [B, S, d] -> f32 [B, S, vocab]
         table = self.embedding.get_value().astype(self.compute_dtype)
-        return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
+        return matmul_f32(x, table, w_transposed=True)  # "bsd,vd->bsv"
 
 
 class DecoderBlock(nnx.Module):
@@ -162,7 +162,7 @@ class OutputHead(nnx.Module):
         if self.lm_head is None:
             return embedding.attend(x)
         head = self.lm_head.get_value().astype(self.compute_dtype)
-        return jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+        return matmul_f32(x, head)  # "bsd,dv->bsv"
 
 
 class CapibaraModel(nnx.Module):
