@@ -46,14 +46,23 @@ def _column_runs(layout: BlockLayout) -> list[tuple[int, int, np.ndarray]]:
 
 
 def _take_block_columns(x: jax.Array, rows: np.ndarray, block: int) -> jax.Array:
-    """``x [M, Kb*block]`` -> ``[M, len(rows)*block]``: the block columns ``rows``."""
+    """``x [M, Kb*block]`` -> ``[M, len(rows)*block]``: the block columns ``rows``.
+
+    One slice per run of consecutive rows, then one concatenate: on this CPU that copies
+    1.2-1.4x faster than an indexed gather of the same columns. bf16 is moved as
+    uint16 (a bitcast, free): XLA copies bf16 slices through f32 conversions otherwise,
+    and the blocked bf16 path gained 1.1-1.2x from it (``make bench`` rows).
+    """
     num_blocks = x.shape[1] // block
     if len(rows) == num_blocks:  # every block: no copy
         return x
-    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: a slice
-        return x[:, rows[0] * block : (rows[-1] + 1) * block]
-    m = x.shape[0]
-    return x.reshape(m, num_blocks, block)[:, rows, :].reshape(m, len(rows) * block)
+    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+        return jax.lax.bitcast_convert_type(_take_block_columns(bits, rows, block), x.dtype)
+    starts = [i for i, r in enumerate(rows) if i == 0 or r != rows[i - 1] + 1]
+    ends = starts[1:] + [len(rows)]
+    parts = [x[:, rows[a] * block : (rows[b - 1] + 1) * block] for a, b in zip(starts, ends)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
 def _dot(a, b, dims=((1,), (0,))):
