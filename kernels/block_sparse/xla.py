@@ -60,8 +60,9 @@ def _take_block_columns(x: jax.Array, rows: np.ndarray, block: int) -> jax.Array
         bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
         return jax.lax.bitcast_convert_type(_take_block_columns(bits, rows, block), x.dtype)
     starts = [i for i, r in enumerate(rows) if i == 0 or r != rows[i - 1] + 1]
-    ends = starts[1:] + [len(rows)]
-    parts = [x[:, rows[a] * block : (rows[b - 1] + 1) * block] for a, b in zip(starts, ends)]
+    ends = [*starts[1:], len(rows)]
+    spans = [(rows[a], rows[b - 1] + 1) for a, b in zip(starts, ends, strict=True)]
+    parts = [x[:, lo * block : hi * block] for lo, hi in spans]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
@@ -140,7 +141,12 @@ def dense_columns(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
     index = np.zeros((nb, kb), np.int32)
     index[layout.cols, layout.rows] = np.arange(layout.nnz, dtype=np.int32)
     stored = layout.mask.T[:, :, None, None]
-    return jnp.where(stored, blocks[index], 0).reshape(nb, kb * bk, bn)
+    if blocks.dtype.itemsize == 2 and jnp.issubdtype(blocks.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(blocks, jnp.uint16)  # see _take_block_columns
+        columns = jax.lax.bitcast_convert_type(jnp.where(stored, bits[index], 0), blocks.dtype)
+    else:
+        columns = jnp.where(stored, blocks[index], 0)
+    return columns.reshape(nb, kb * bk, bn)
 
 
 def matmul_dense_columns(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
