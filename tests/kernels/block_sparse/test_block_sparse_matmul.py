@@ -102,14 +102,14 @@ def test_xla_takes_dense_route_above_threshold_and_blocked_below(dtype):
     assert not xla.dense_is_faster(sparse.layout, dtype)
 
 
-@pytest.mark.parametrize("density", [0.3, 0.7, 1.0], ids=lambda d: f"density={d}")
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.7, 1.0], ids=lambda d: f"density={d}")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_dense_route_matches_reference(density, dtype):
     """The dense route (one full-K dot per block column) at any density, including
     partly stored columns whose missing blocks it zero-fills."""
     rng = np.random.default_rng(5)
     w = random_matrix(rng, 200, 300, (64, 32), density, dtype)
-    columns = xla.dense_columns(w.blocks, w.layout)
+    columns = jnp.stack(xla.dense_columns(w.blocks, w.layout))
     kp, np_ = w.layout.padded_shape
     padded = jnp.pad(w.to_dense(), ((0, kp - 200), (0, np_ - 300)))
     np.testing.assert_array_equal(columns, padded.reshape(kp, -1, 32).transpose(1, 0, 2))
