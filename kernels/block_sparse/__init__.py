@@ -6,8 +6,9 @@
 Implementations (``implementation=``):
   * ``"reference"``: ``x @ w.to_dense()``; the oracle.
   * ``"xla"``: one 2-D dot per run of output block columns over only the stored blocks
-    (work proportional to the density); above ``xla.DENSE_DENSITY_THRESHOLD`` it
-    densifies and runs one matmul instead, which is faster there. The CPU/GPU default.
+    (work proportional to the density); above ``xla.DENSE_DENSITY_THRESHOLDS[dtype]``
+    it runs one full-K dot per block column instead (``xla.matmul_dense_columns``),
+    which is faster there. The CPU/GPU default.
   * ``"pallas"``: Mosaic TPU kernels (forward, dx, dW) reading the block schedule by
     scalar prefetch; zero blocks are never fetched. The TPU default; ``interpret=True``
     runs them in the Pallas TPU interpreter anywhere.
