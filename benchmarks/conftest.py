@@ -36,6 +36,7 @@ def measure(benchmark):
         rounds: int = 5,
         note: str = "",
         peer: bool = False,
+        leaf_names: tuple[str, ...] = (),
     ):
         """Times ``fn(*args)`` and records one table row.
 
@@ -48,21 +49,27 @@ def measure(benchmark):
           tol_dtype, tol_scale: tolerance of the check (``kernels.testing``).
           note: free text shown in the table's last column.
           peer: another library's row: a failed check is reported in the note ("CHECK
-            FAILED ...") and the row is still timed; our own rows fail the benchmark.
+            FAILED ...", naming each output that is off and by how much) and the row is
+            still timed; our own rows fail the benchmark.
+          leaf_names: names of the output's leaves for that note (default "output i").
         """
         out = _ready(fn, args)  # compile + first run
         if expected is not None:
-            for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+            failures = []
+            leaves = zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True)
+            for i, (got, want) in enumerate(leaves):
                 try:
                     assert_close(got, want, tol_dtype or dtype, scale=tol_scale, err_msg=impl)
                 except AssertionError:
                     if not peer:
                         raise
-                    err = float(
-                        np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)))
-                    )
-                    atol = tolerance(tol_dtype or dtype, scale=tol_scale)["atol"]
-                    note = f"CHECK FAILED: max err {err:.3g} > atol {atol:.3g}; {note}".rstrip("; ")
+                    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+                    name = leaf_names[i] if leaf_names else f"output {i}"
+                    failures.append(f"{name} max err {float(np.max(np.abs(got - want))):.3g}")
+            if failures:
+                atol = tolerance(tol_dtype or dtype, scale=tol_scale)["atol"]
+                failed = f"CHECK FAILED vs expected (atol {atol:.3g}): {', '.join(failures)}"
+                note = f"{failed}; {note}".rstrip("; ")
         benchmark.group = f"{op} | {shape} | {dtype}"
         benchmark.extra_info.update(
             op=op,
