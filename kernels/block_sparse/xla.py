@@ -76,30 +76,42 @@ XLA_BLOCK_M = 256  # rows per scan step of the forward and input-gradient produc
 def matmul(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
     """``x [M, Kp] @ w`` -> f32 ``[M, Np]``, ``XLA_BLOCK_M`` rows per scan step."""
     m, kp = x.shape
+    runs = _column_runs(layout)
+    # Built once, before the scan: XLA does not hoist these copies out of the loop by
+    # itself, and redoing them per row tile cost ~10 % at density 0.34.
+    weights = [_run_weight(blocks, layout, run) for run in runs]
     full = m // XLA_BLOCK_M * XLA_BLOCK_M
     if full <= XLA_BLOCK_M:
-        return _matmul_rows(x, blocks, layout)
+        return _matmul_rows(x, weights, runs, layout)
     tiles = x[:full].reshape(full // XLA_BLOCK_M, XLA_BLOCK_M, kp)
-    _, out = jax.lax.scan(lambda _, t: (None, _matmul_rows(t, blocks, layout)), None, tiles)
+    _, out = jax.lax.scan(lambda _, t: (None, _matmul_rows(t, weights, runs, layout)), None, tiles)
     out = out.reshape(full, -1)
     if full < m:  # the remainder rows: one more (smaller) call, no padding copy
-        out = jnp.concatenate([out, _matmul_rows(x[full:], blocks, layout)], axis=0)
+        out = jnp.concatenate([out, _matmul_rows(x[full:], weights, runs, layout)], axis=0)
     return out
 
 
-def _matmul_rows(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+def _run_weight(blocks: jax.Array, layout: BlockLayout, run) -> jax.Array | None:
+    """The dense ``[rows * bk, cols * bn]`` sub-matrix of one column run (None if empty)."""
+    first, end, rows = run
+    if len(rows) == 0:
+        return None
+    bk, bn = layout.block_shape
+    stored = blocks[layout.col_ptr[first] : layout.col_ptr[end]]
+    # [cols, rows, bk, bn] -> [rows, bk, cols, bn]
+    w_run = stored.reshape(end - first, len(rows), bk, bn).transpose(1, 2, 0, 3)
+    return w_run.reshape(len(rows) * bk, (end - first) * bn)
+
+
+def _matmul_rows(x: jax.Array, weights: list, runs: list, layout: BlockLayout) -> jax.Array:
     """``x [m, Kp] @ w`` -> f32 ``[m, Np]`` for one row tile: one dot per column run."""
     (bk, bn), m = layout.block_shape, x.shape[0]
     outs = []
-    for first, end, rows in _column_runs(layout):
-        width = (end - first) * bn
-        if len(rows) == 0:
-            outs.append(jnp.zeros((m, width), jnp.float32))
-            continue
-        run = blocks[layout.col_ptr[first] : layout.col_ptr[end]]
-        # [cols, rows, bk, bn] -> [rows * bk, cols * bn]: the run's dense sub-matrix.
-        w_run = run.reshape(end - first, len(rows), bk, bn).transpose(1, 2, 0, 3)
-        outs.append(_dot(_take_block_columns(x, rows, bk), w_run.reshape(-1, width)))
+    for (first, end, rows), w_run in zip(runs, weights, strict=True):
+        if w_run is None:
+            outs.append(jnp.zeros((m, (end - first) * bn), jnp.float32))
+        else:
+            outs.append(_dot(_take_block_columns(x, rows, bk), w_run))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
