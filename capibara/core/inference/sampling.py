@@ -72,12 +72,27 @@ def _filtered_sample(logits, params: SamplingBatch):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``int32 [R]``: the first index of each row's maximum of ``logits [R, V]``.
+
+    The same tokens as ``jnp.argmax`` (ties go to the lowest index), as two plain
+    reductions: XLA:CPU runs argmax's paired (value, index) reduction ~10x slower,
+    ~4 ms of a 32-row decode step over a 32000 vocabulary. A row holding NaN (no
+    element equals its max) gets the last index rather than an out-of-range one.
+    """
+    vocab = logits.shape[-1]
+    top = logits.max(axis=-1, keepdims=True)
+    index = jnp.arange(vocab, dtype=jnp.int32)
+    first = jnp.min(jnp.where(logits == top, index, vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)
+
+
 def sample(logits: jax.Array, params: SamplingBatch) -> jax.Array:
     """Next tokens ``int32 [R]`` from f32 ``logits [R, V]``; greedy rows take the argmax.
 
     An all-greedy batch skips the sort (``lax.cond`` runs one branch).
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
 
     def stochastic():
         drawn = _filtered_sample(logits, params).astype(jnp.int32)
