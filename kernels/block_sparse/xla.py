@@ -56,6 +56,8 @@ def _take_block_columns(x: jax.Array, rows: np.ndarray, block: int) -> jax.Array
     num_blocks = x.shape[1] // block
     if len(rows) == num_blocks:  # every block: no copy
         return x
+    if len(rows) == 0:
+        return x[:, :0]
     if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
         bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
         return jax.lax.bitcast_convert_type(_take_block_columns(bits, rows, block), x.dtype)
