@@ -49,23 +49,17 @@ def _take_block_columns(x: jax.Array, rows: np.ndarray, block: int) -> jax.Array
     """``x [M, Kb*block]`` -> ``[M, len(rows)*block]``: the block columns ``rows``.
 
     One slice per run of consecutive rows, then one concatenate: on this CPU that copies
-    1.2-1.4x faster than an indexed gather of the same columns. bf16 is moved as
-    uint16 (a bitcast, free): XLA copies bf16 slices through f32 conversions otherwise,
-    and the blocked bf16 path gained 1.1-1.2x from it (``make bench`` rows).
+    1.2-1.4x faster than an indexed gather of the same columns.
     """
     num_blocks = x.shape[1] // block
     if len(rows) == num_blocks:  # every block: no copy
         return x
     if len(rows) == 0:
         return x[:, :0]
-    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
-        return jax.lax.bitcast_convert_type(_take_block_columns(bits, rows, block), x.dtype)
     starts = [i for i, r in enumerate(rows) if i == 0 or r != rows[i - 1] + 1]
     ends = [*starts[1:], len(rows)]
     spans = [(rows[a], rows[b - 1] + 1) for a, b in zip(starts, ends, strict=True)]
-    parts = [x[:, lo * block : hi * block] for lo, hi in spans]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return _concatenate([x[:, lo * block : hi * block] for lo, hi in spans], axis=1)
 
 
 def _dot(a, b, dims=((1,), (0,))):
@@ -76,7 +70,8 @@ XLA_BLOCK_M = 256  # rows per scan step of the forward and input-gradient produc
 
 
 def matmul(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
-    """``x [M, Kp] @ w`` -> f32 ``[M, Np]``, ``XLA_BLOCK_M`` rows per scan step."""
+    """``x [M, Kp] @ w`` -> ``[M, Np]`` in ``x.dtype`` (f32 accumulation, rounded once),
+    ``XLA_BLOCK_M`` rows per scan step."""
     m, kp = x.shape
     runs = _column_runs(layout)
     # Built once, before the scan: XLA does not hoist these copies out of the loop by
@@ -86,10 +81,17 @@ def matmul(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
     if full <= XLA_BLOCK_M:
         return _matmul_rows(x, weights, runs, layout)
     tiles = x[:full].reshape(full // XLA_BLOCK_M, XLA_BLOCK_M, kp)
-    _, out = jax.lax.scan(lambda _, t: (None, _matmul_rows(t, weights, runs, layout)), None, tiles)
-    out = out.reshape(full, -1)
+    # 16-bit tiles leave the scan as uint16, for the reason in _concatenate.
+    bits = jnp.uint16 if x.dtype.itemsize == 2 else x.dtype
+
+    def step(_, tile):
+        return None, jax.lax.bitcast_convert_type(_matmul_rows(tile, weights, runs, layout), bits)
+
+    _, out = jax.lax.scan(step, None, tiles)
+    out = jax.lax.bitcast_convert_type(out, x.dtype).reshape(full, -1)
     if full < m:  # the remainder rows: one more (smaller) call, no padding copy
-        out = jnp.concatenate([out, _matmul_rows(x[full:], weights, runs, layout)], axis=0)
+        rest = _matmul_rows(x[full:], weights, runs, layout)
+        out = _concatenate([out, rest], axis=0)
     return out
 
 
@@ -106,15 +108,16 @@ def _run_weight(blocks: jax.Array, layout: BlockLayout, run) -> jax.Array | None
 
 
 def _matmul_rows(x: jax.Array, weights: list, runs: list, layout: BlockLayout) -> jax.Array:
-    """``x [m, Kp] @ w`` -> f32 ``[m, Np]`` for one row tile: one dot per column run."""
+    """``x [m, Kp] @ w`` -> ``[m, Np]`` in ``x.dtype`` for one row tile: one dot per
+    column run."""
     (bk, bn), m = layout.block_shape, x.shape[0]
     outs = []
     for (first, end, rows), w_run in zip(runs, weights, strict=True):
         if w_run is None:
-            outs.append(jnp.zeros((m, (end - first) * bn), jnp.float32))
+            outs.append(jnp.zeros((m, (end - first) * bn), x.dtype))
         else:
-            outs.append(_dot(_take_block_columns(x, rows, bk), w_run))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+            outs.append(_dot(_take_block_columns(x, rows, bk), w_run).astype(x.dtype))
+    return _concatenate(outs, axis=1)
 
 
 def matmul_transposed(dy: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
@@ -151,7 +154,7 @@ def dense_columns(blocks: jax.Array, layout: BlockLayout) -> list[jax.Array]:
     bn]`` array first (single-core A/B: f32 0.83-0.93x -> 0.91-1.02x dense).
     """
     (kb, nb), (bk, bn) = layout.grid, layout.block_shape
-    # bf16 moves as uint16: see _take_block_columns.
+    # bf16 moves as uint16: see _concatenate.
     as_bits = blocks.dtype.itemsize == 2 and jnp.issubdtype(blocks.dtype, jnp.floating)
     bits = jax.lax.bitcast_convert_type(blocks, jnp.uint16) if as_bits else blocks
     columns = []
@@ -171,14 +174,31 @@ def dense_columns(blocks: jax.Array, layout: BlockLayout) -> list[jax.Array]:
 
 
 def matmul_dense_columns(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
-    """``x [M, Kp] @ w`` -> f32 ``[M, Np]``: one full-``K`` 2-D dot per block column.
+    """``x [M, Kp] @ w`` -> ``[M, Np]`` in ``x.dtype``: one full-``K`` 2-D dot per block
+    column, accumulated in f32 and rounded once.
 
     The dense route of ``implementation=None`` on CPU: the same FLOPs as a dense matmul
     (zero blocks included) without re-laying the weight out as ``[Kp, Np]``. XLA's 2-D
     dot with ``N = bn`` columns runs as fast per FLOP as one wide dot here.
     """
-    outs = [_dot(x, column) for column in dense_columns(blocks, layout)]
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    outs = [_dot(x, column).astype(x.dtype) for column in dense_columns(blocks, layout)]
+    return _concatenate(outs, axis=1)
+
+
+def _concatenate(pieces: list[jax.Array], axis: int) -> jax.Array:
+    """``jnp.concatenate``, moving 16-bit floats as uint16 (a free bitcast).
+
+    XLA:CPU copies bf16 through f32 converts; as uint16 the same copies made the
+    blocked bf16 path 1.1-1.2x faster and took the bf16 dense route at density 1.0
+    from 0.89x to 1.00x dense (single-core A/B).
+    """
+    if len(pieces) == 1:
+        return pieces[0]
+    dtype = pieces[0].dtype
+    if dtype.itemsize != 2 or not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.concatenate(pieces, axis=axis)
+    bits = [jax.lax.bitcast_convert_type(p, jnp.uint16) for p in pieces]
+    return jax.lax.bitcast_convert_type(jnp.concatenate(bits, axis=axis), dtype)
 
 
 def dense_is_faster(layout: BlockLayout, dtype) -> bool:
