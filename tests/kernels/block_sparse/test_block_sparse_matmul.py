@@ -175,12 +175,14 @@ def test_same_layout_reuses_the_compiled_function():
 @pytest.mark.parametrize(
     "m", [2 * xla.XLA_BLOCK_M, 2 * xla.XLA_BLOCK_M + 88], ids=["m=512", "m=600"]
 )
-def test_xla_row_tiling_with_and_without_a_remainder(m):
-    """The xla path scans over row tiles; a remainder tile is computed separately."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_xla_row_tiling_with_and_without_a_remainder(m, dtype):
+    """The xla path scans over row tiles (16-bit tiles leave the scan as uint16); a
+    remainder tile is computed separately."""
     rng = np.random.default_rng(7)
-    w = random_matrix(rng, 96, 160, (32, 32), 0.4)
-    x = jnp.asarray(rng.standard_normal((m, 96)), jnp.float32)
-    cotangent = jnp.asarray(rng.standard_normal((m, 160)), jnp.float32)
+    w = random_matrix(rng, 96, 160, (32, 32), 0.4, dtype)
+    x = jnp.asarray(rng.standard_normal((m, 96)), dtype)
+    cotangent = jnp.asarray(rng.standard_normal((m, 160)), dtype)
 
     def vjp(impl):
         f = lambda x, b: block_sparse_matmul(x, BlockSparseMatrix(b, w.layout), implementation=impl)
@@ -189,6 +191,6 @@ def test_xla_row_tiling_with_and_without_a_remainder(m):
 
     out, dx, dblocks = jax.jit(lambda: vjp("xla"))()
     out_ref, dx_ref, dblocks_ref = vjp("reference")
-    assert_close(out, out_ref, jnp.float32, scale=scale_of(96))
-    assert_close(dx, dx_ref, jnp.float32, grad=True, scale=scale_of(160))
-    assert_close(dblocks, dblocks_ref, jnp.float32, grad=True, scale=scale_of(m))
+    assert_close(out, out_ref, dtype, scale=scale_of(96))
+    assert_close(dx, dx_ref, dtype, grad=True, scale=scale_of(160))
+    assert_close(dblocks, dblocks_ref, dtype, grad=True, scale=scale_of(m))
