@@ -207,7 +207,7 @@ class CapibaraInference:
             if self._stopping:
                 return
             plan = self._scheduler.schedule()
-        if plan.prefill is None and not plan.decode:
+        if not plan.prefills and not plan.decode:
             time.sleep(0.001)  # nothing runnable this instant (cannot persist)
             return
         start = time.perf_counter()
@@ -215,8 +215,8 @@ class CapibaraInference:
             out, load = self._runner.run(plan)
         except Exception as e:  # a failed step fails its own requests only
             with self._cond:
-                for r in [*plan.decode, plan.prefill]:
-                    if r is not None and r.state == RUNNING:
+                for r in [*plan.decode, *(r for r, _ in plan.prefills)]:
+                    if r.state == RUNNING:
                         self._finish(r, "error", f"step failed: {e!r}")
             return
         with self._cond:
@@ -230,12 +230,13 @@ class CapibaraInference:
                 self._scheduler.register_blocks(r)
                 self._emit(r, int(out[r.slot]))
                 new_tokens += 1
-        r = plan.prefill
-        if r is not None and r.state == RUNNING:
-            r.num_cached += plan.prefill_len
+        for row, (r, chunk) in enumerate(plan.prefills):
+            if r.state != RUNNING:
+                continue
+            r.num_cached += chunk
             self._scheduler.register_blocks(r)
             if r.uncached == 0:  # the chunk reached the end: its last logits are the next token
-                self._emit(r, int(out[self.config.max_slots]))
+                self._emit(r, int(out[self.config.max_slots + row]))
                 new_tokens += 1
         self._metrics.record_step(seconds, new_tokens, load)
         self._cond.notify_all()

@@ -47,6 +47,11 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests before submit raises QueueFullError
     prefill_chunk: int = 64  # prompt tokens per prefill step (the largest bucket)
     min_prefill_bucket: int = 16  # smallest prefill bucket; buckets double up to the chunk
+    # Prompts prefilled together, one chunk each. A step with any prefill always has
+    # this many rows (idle ones padded), so it stays one compiled shape per bucket:
+    # more rows admit a burst of requests in fewer steps, and cost a lone prompt
+    # ``prefill_rows`` times its chunk's compute.
+    prefill_rows: int = 1
     prefix_cache: bool = True  # share page-aligned prompt prefixes between requests
     seed: int = 0  # draws the seed of requests that give none
 
@@ -59,6 +64,7 @@ class EngineConfig:
             ("max_waiting", 1),
             ("prefill_chunk", 1),
             ("min_prefill_bucket", 1),
+            ("prefill_rows", 1),
             ("seed", 0),
         ):
             _int(self, name, minimum=minimum)

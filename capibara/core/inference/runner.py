@@ -1,7 +1,8 @@
 """The jitted serving step at static shapes, and the host code that fills its inputs.
 
 One compiled function does a whole step: ``max_slots`` decode rows (idle rows have
-length 0) plus, optionally, one prefill row of a bucketed length, all through one
+length 0) plus, optionally, ``prefill_rows`` prefill rows of one bucketed length
+(rows without a prompt are padding), all through one
 ``CapibaraModel.forward_with_cache`` (the linears see every token of the step
 together, so the weights are read once per step), then sampling. The KV cache is
 donated, so XLA updates the pages in place. Compiled shapes: one without a prefill
@@ -97,10 +98,11 @@ class ModelRunner:
         self.shapes: set[int] = set()
 
     def run(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray | None]:
-        """Runs one step; returns the sampled tokens ``[max_slots + (1 if prefill)]``
-        (decode rows by slot, then the prefill row) and the expert load ``[L_moe, E]``."""
+        """Runs one step; returns the sampled tokens ``[max_slots + prefill rows]``
+        (decode rows by slot, then the prefill rows in ``plan.prefills`` order, then
+        idle ones) and the expert load ``[L_moe, E]``."""
         tokens, batch, sampling = self._inputs(plan)
-        self.shapes.add(plan.bucket if plan.prefill is not None else 0)
+        self.shapes.add(plan.bucket if plan.prefills else 0)
         out, self.cache, load = _step(
             self.structure, self.leaves, self.cache, tokens, batch, sampling
         )
@@ -109,8 +111,9 @@ class ModelRunner:
     def _inputs(self, plan: StepPlan):
         cfg, ps = self.config, self.config.page_size
         slots, width = cfg.max_slots, cfg.pages_per_seq
-        s = plan.bucket if plan.prefill is not None else 0
-        n = slots + s
+        s = plan.bucket if plan.prefills else 0
+        bp = cfg.prefill_rows if plan.prefills else 0
+        n = slots + bp * s
         tokens = np.zeros(n, np.int32)
         positions = np.zeros(n, np.int32)
         write_pages = np.full(n, SCRATCH_PAGE, np.int32)
@@ -127,22 +130,24 @@ class ModelRunner:
             dec_table[i, : len(r.pages)] = r.pages
             rows[i] = (r.params, r.seed, len(r.output))
         logit_index = list(range(slots))
-        pre_lengths = np.zeros(1 if s else 0, np.int32)
-        pre_table = np.zeros((1 if s else 0, width), np.int32)
-        if s:
-            r, start, m = plan.prefill, plan.prefill.num_cached, plan.prefill_len
-            seq = r.tokens
+        pre_lengths = np.zeros(bp, np.int32)  # idle rows: 0, they see nothing
+        pre_table = np.zeros((bp, width), np.int32)
+        for j, (r, m) in enumerate(plan.prefills):
+            base, start = slots + j * s, r.num_cached
             pos = start + np.arange(s)
-            tokens[slots : slots + m] = seq[start : start + m]
-            positions[slots:] = pos
-            padding[slots : slots + m] = False
+            tokens[base : base + m] = r.tokens[start : start + m]
+            positions[base : base + s] = pos
+            padding[base : base + m] = False
             pages = np.asarray(r.pages, np.int32)
-            write_pages[slots : slots + m] = pages[pos[:m] // ps]
-            write_offsets[slots : slots + m] = pos[:m] % ps
-            pre_lengths[0] = start + s  # query j sits at lengths - s + j = start + j
-            pre_table[0, : len(pages)] = pages
-            logit_index.append(slots + m - 1)
+            write_pages[base : base + m] = pages[pos[:m] // ps]
+            write_offsets[base : base + m] = pos[:m] % ps
+            pre_lengths[j] = start + s  # query i sits at lengths - s + i = start + i
+            pre_table[j, : len(pages)] = pages
+            logit_index.append(base + m - 1)
             rows.append((r.params, r.seed, len(r.output)))
+        for j in range(len(plan.prefills), bp):  # idle rows: padding, greedy, ignored
+            logit_index.append(slots + j * s)
+            rows.append(None)
         batch = PagedBatch(
             positions=jnp.asarray(positions),
             write_pages=jnp.asarray(write_pages),

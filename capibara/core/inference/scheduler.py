@@ -6,7 +6,8 @@ one (the last sampled token) it decodes. Each step:
 
 1. admits waiting requests while a slot is free and the pool can hold their tokens
    (prefix-cache hits first, so shared pages are not counted twice);
-2. picks the oldest prefilling request for one chunk of up to ``prefill_chunk`` tokens;
+2. picks the ``prefill_rows`` oldest prefilling requests for one chunk each of up to
+   ``prefill_chunk`` tokens;
 3. decodes every other running request by one token;
 4. gives each of them the pages its new tokens need. Out of pages: evict unused
    prefix-cache pages, then preempt the newest running request (its pages freed, it
@@ -66,12 +67,12 @@ class Request:
 
 @dataclasses.dataclass
 class StepPlan:
-    """What one step computes: a prefill chunk (maybe) and the decode rows."""
+    """What one step computes: the decode rows and up to ``prefill_rows`` prefill chunks."""
 
     decode: list[Request]
-    prefill: Request | None = None
-    prefill_len: int = 0  # real tokens in the chunk
-    bucket: int = 0  # padded chunk length (a compiled shape)
+    # (request, real tokens in its chunk), oldest first
+    prefills: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
+    bucket: int = 0  # padded chunk length of every prefill row (a compiled shape)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -165,18 +166,18 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Admits, chooses this step's work and gives it pages (preempting if need be)."""
         self._admit()
-        prefill = next((r for r in self.running if r.uncached > 1), None)
+        prefills = [r for r in self.running if r.uncached > 1][: self.config.prefill_rows]
         plan = StepPlan(decode=[])
         for request in list(self.running):
             if request.state != RUNNING:
                 continue  # preempted while placing an older request
-            if request is prefill:
+            if request in prefills:
                 n = min(request.uncached, self.config.prefill_chunk)
                 want = request.num_cached + n
             elif request.uncached == 1:
                 want = request.num_cached + 1
             else:
-                continue  # prefill pending behind the one chunk of this step
+                continue  # prefill pending behind this step's chunks
             while True:
                 try:
                     self._grow(request, want)
@@ -188,12 +189,15 @@ class Scheduler:
                         break
             if request.state != RUNNING:
                 continue
-            if request is prefill:
-                plan.prefill, plan.prefill_len = request, n
-                plan.bucket = next(b for b in self.config.prefill_buckets if b >= n)
+            if request in prefills:
+                plan.prefills.append((request, n))
             else:
                 plan.decode.append(request)
         plan.decode = [r for r in plan.decode if r.state == RUNNING]
+        plan.prefills = [(r, n) for r, n in plan.prefills if r.state == RUNNING]
+        if plan.prefills:
+            longest = max(n for _, n in plan.prefills)
+            plan.bucket = next(b for b in self.config.prefill_buckets if b >= longest)
         return plan
 
     def register_blocks(self, request: Request) -> None:

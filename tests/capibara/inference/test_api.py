@@ -75,6 +75,8 @@ def test_engine_config_errors_name_the_field():
         EngineConfig(page_size=0)
     with pytest.raises(ValueError, match="min_prefill_bucket"):
         EngineConfig(prefill_chunk=8, min_prefill_bucket=16)
+    with pytest.raises(ValueError, match=r"EngineConfig\.prefill_rows"):
+        EngineConfig(prefill_rows=0)
     assert EngineConfig(prefill_chunk=64, min_prefill_bucket=16).prefill_buckets == (16, 32, 64)
 
 

@@ -36,9 +36,15 @@ def test_alone_equals_no_cache_reference(tiny_model, mixed_prompts, expected):
             assert gen.finish_reason == "length"
 
 
-@pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
-def test_batch_of_16_arriving_at_different_times(tiny_model, mixed_prompts, expected, prefix_cache):
-    engine = make_engine(tiny_model, prefix_cache=prefix_cache)
+@pytest.mark.parametrize(
+    "prefix_cache,prefill_rows",
+    [(True, 1), (False, 1), (True, 3)],
+    ids=["prefix-cache", "no-prefix-cache", "prefix-cache-3-prefill-rows"],
+)
+def test_batch_of_16_arriving_at_different_times(
+    tiny_model, mixed_prompts, expected, prefix_cache, prefill_rows
+):
+    engine = make_engine(tiny_model, prefix_cache=prefix_cache, prefill_rows=prefill_rows)
 
     async def one(i, prompt):
         await asyncio.sleep(0.02 * (i % 5))  # staggered arrivals join a running batch
@@ -95,9 +101,10 @@ def test_compilations_of_a_mixed_workload(tiny_model):
     engine.close()
 
 
-def test_preemption_when_out_of_pages_still_correct(tiny_model):
+@pytest.mark.parametrize("prefill_rows", [1, 3], ids=lambda n: f"{n}-prefill-rows")
+def test_preemption_when_out_of_pages_still_correct(tiny_model, prefill_rows):
     # 12 usable pages of 8 tokens; 6 requests of ~40 tokens need ~30: most get preempted.
-    engine = make_engine(tiny_model, num_pages=13, max_slots=8)
+    engine = make_engine(tiny_model, num_pages=13, max_slots=8, prefill_rows=prefill_rows)
     batch = prompts(6, lengths=(20, 33), seed=7)
     params = SamplingParams(max_tokens=12)
     gens = engine.generate_batch(batch, params)
