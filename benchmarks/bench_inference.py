@@ -4,14 +4,24 @@ prompt at batch 1, 8 and 32, f32 and bf16 weights.
 Rows per (batch, dtype), in one process on the same random weights: transformers'
 ``generate(do_sample=False)`` (the baseline; PyTorch ``LlamaForCausalLM`` with its
 KV cache) and ``CapibaraInference`` (paged KV cache, continuous batching, one jitted
-step; ``max_slots`` = the batch). The timed call generates the whole batch; the note
+step; ``max_slots`` = ``prefill_rows`` = the batch, so the batch's prompts are prefilled
+in one step, as ``generate`` does). The timed call generates the whole batch; the note
 gives decode tokens/s (``B·63`` tokens after the first / the time after TTFT) and
 TTFT (first token of the batch: transformers' ``max_new_tokens=1`` call; the
 engine's mean TTFT over the batch's requests). Before timing, each row's first 4
 tokens are checked against greedy decoding with Capibara's plain full forward in f32.
 FLOPs: 2 per weight per generated token (attention over <100 positions is noise).
 
-Rounds are few (the module must stay under ~8 minutes on 2 CPU cores).
+Rounds are few (the module must stay under ~8 minutes on 2 CPU cores): pinned to one
+core with nothing else running it took 194 s, 12 rows. Its rows are the slowest to
+share the machine: a 27-minute run, alongside other benchmarks, timed transformers'
+f32 batch-8 ``generate`` at 97 s (3.3 s alone).
+
+On XLA:CPU the bf16 rows depend on the model's formulations (``capibara.core.layers``):
+bf16 x bf16 dots with f32 accumulation of at least two rows (a one-row bf16 dot
+converts the whole weight to f32 first) and KV pages written as ``uint16``. No XLA
+flag is set: of the CPU dot back-ends in jaxlib 0.10.2 (``xla_cpu_experimental_
+{ynn,xnn,onednn}_fusion_type``), only the default YNN fusion runs bf16 dots fast.
 """
 
 from __future__ import annotations
@@ -147,6 +157,7 @@ def bench_capibara(measure, benchmark, batch, dtype):
         prefill_chunk=PROMPT,
         min_prefill_bucket=PROMPT,
         prefix_cache=False,  # distinct random prompts: nothing to share
+        prefill_rows=batch,
     )
     engine = CapibaraInference(_model(dtype), config)
     prompts = [list(p) for p in _prompts(batch)]
