@@ -13,7 +13,7 @@ tokens are checked against greedy decoding with Capibara's plain full forward in
 FLOPs: 2 per weight per generated token (attention over <100 positions is noise).
 
 Rounds are few (the module must stay under ~8 minutes on 2 CPU cores): pinned to one
-core with nothing else running it took 194 s, 12 rows. Its rows are the slowest to
+core with nothing else running it took 191 s, 12 rows. Its rows are the slowest to
 share the machine: a 27-minute run, alongside other benchmarks, timed transformers'
 f32 batch-8 ``generate`` at 97 s (3.3 s alone).
 
