@@ -15,6 +15,19 @@ import pytest
 from kernels.testing import assert_close, tolerance
 
 
+def pytest_collection_modifyitems(items):
+    """Runs the rows of one case next to each other: a module's ``bench_dense``,
+    ``bench_auto``, ... for the same parameters follow one another, so the ratios in a
+    table group are measured seconds apart, not minutes (machine load drifts). A stable
+    sort by (file, parameter id) keeps the functions' order within a case."""
+
+    def case(item):
+        callspec = getattr(item, "callspec", None)
+        return (str(item.path), callspec.id if callspec else "")
+
+    items.sort(key=case)
+
+
 def _ready(fn, args):
     return jax.block_until_ready(fn(*args))
 
