@@ -12,8 +12,9 @@ engine's mean TTFT over the batch's requests). Before timing, each row's first 4
 tokens are checked against greedy decoding with Capibara's plain full forward in f32.
 FLOPs: 2 per weight per generated token (attention over <100 positions is noise).
 
-Rounds are few (the module must stay under ~8 minutes on 2 CPU cores): pinned to one
-core with nothing else running it took 191 s, 12 rows. Its rows are the slowest to
+Rounds are few (the module must stay under ~8 minutes on 2 CPU cores): alone on the
+2-core machine ``make bench K=inference`` took 137-143 s, 12 rows (191 s pinned to one
+core). Its rows are the slowest to
 share the machine: a 27-minute run, alongside other benchmarks, timed transformers'
 f32 batch-8 ``generate`` at 97 s (3.3 s alone).
 
