@@ -17,6 +17,7 @@ from flax import nnx
 
 import kernels
 from capibara.core.config import CapibaraConfig
+from kernels.bit_views import from_bits, to_bits
 from kernels.block_sparse import BlockLayout, BlockSparseMatrix
 
 
@@ -195,17 +196,14 @@ def write_kv(pages, page_ids, offsets, values):
     """``pages [Hkv, P, page_size, D]`` with ``values [N, Hkv, D]`` stored at
     ``(page_ids[i], offsets[i])`` for each of the ``N`` tokens.
 
-    16-bit pools are written as ``uint16`` (a bitcast: the bits are the same).
-    XLA:CPU scatters a bf16 operand by converting the whole pool to f32 and back
-    around the scatter, every layer of every step: at 32 sequences that was half the
-    decode step. An integer scatter stays in place.
+    16-bit pools are written as ``uint16`` (``kernels.bit_views``: the bits are the
+    same). XLA:CPU scatters a bf16 operand by converting the whole pool to f32 and
+    back around the scatter, every layer of every step: at 32 sequences that was half
+    the decode step. An integer scatter stays in place.
     """
     values = values.transpose(1, 0, 2).astype(pages.dtype)  # [Hkv, N, D]
-    if jnp.dtype(pages.dtype).itemsize != 2:
-        return pages.at[:, page_ids, offsets].set(values)
-    bits = jax.lax.bitcast_convert_type
-    written = bits(pages, jnp.uint16).at[:, page_ids, offsets].set(bits(values, jnp.uint16))
-    return bits(written, pages.dtype)
+    written = to_bits(pages).at[:, page_ids, offsets].set(to_bits(values))
+    return from_bits(written, pages.dtype)
 
 
 class Attention(nnx.Module):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.bit_views import from_bits, to_bits
 from kernels.block_sparse.layout import BlockLayout
 
 
@@ -82,11 +83,11 @@ def matmul(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -> jax.Array:
         return _matmul_rows(x, weights, runs, layout)
     tiles = x[:full].reshape(full // XLA_BLOCK_M, XLA_BLOCK_M, kp)
 
-    def step(_, tile):  # 16-bit tiles leave the scan as uint16 (see _to_bits)
-        return None, _to_bits(_matmul_rows(tile, weights, runs, layout))
+    def step(_, tile):  # 16-bit tiles leave the scan as uint16 (see bit_views)
+        return None, to_bits(_matmul_rows(tile, weights, runs, layout))
 
     _, out = jax.lax.scan(step, None, tiles)
-    out = _from_bits(out, x.dtype).reshape(full, -1)
+    out = from_bits(out, x.dtype).reshape(full, -1)
     if full < m:  # the remainder rows: one more (smaller) call, no padding copy
         rest = _matmul_rows(x[full:], weights, runs, layout)
         out = _concatenate([out, rest], axis=0)
@@ -152,7 +153,7 @@ def dense_columns(blocks: jax.Array, layout: BlockLayout) -> list[jax.Array]:
     bn]`` array first (single-core A/B: f32 0.83-0.93x -> 0.91-1.02x dense).
     """
     (kb, nb), (bk, bn) = layout.grid, layout.block_shape
-    bits = _to_bits(blocks)
+    bits = to_bits(blocks)
     columns = []
     for j in range(nb):
         first, end = layout.col_ptr[j], layout.col_ptr[j + 1]
@@ -163,7 +164,7 @@ def dense_columns(blocks: jax.Array, layout: BlockLayout) -> list[jax.Array]:
             index = np.zeros(kb, np.int32)
             index[layout.rows[first:end]] = np.arange(end - first, dtype=np.int32)
             stored = jnp.where(layout.mask[:, j, None, None], stored[index], 0)
-        columns.append(_from_bits(stored.reshape(kb * bk, bn), blocks.dtype))
+        columns.append(from_bits(stored.reshape(kb * bk, bn), blocks.dtype))
     return columns
 
 
@@ -180,29 +181,11 @@ def matmul_dense_columns(x: jax.Array, blocks: jax.Array, layout: BlockLayout) -
 
 
 def _concatenate(pieces: list[jax.Array], axis: int) -> jax.Array:
-    """``jnp.concatenate``, moving 16-bit floats as uint16 (see ``_to_bits``)."""
+    """``jnp.concatenate``, moving 16-bit floats as uint16 (see ``kernels.bit_views``)."""
     if len(pieces) == 1:
         return pieces[0]
     dtype = pieces[0].dtype
-    return _from_bits(jnp.concatenate([_to_bits(p) for p in pieces], axis=axis), dtype)
-
-
-def _to_bits(a: jax.Array) -> jax.Array:
-    """16-bit floats as uint16 (a free bitcast), anything else unchanged.
-
-    XLA:CPU copies bf16 through f32 converts; as uint16 the same copies (gathers,
-    zero-fills, concatenations, scan outputs) made the blocked bf16 path 1.1-1.2x
-    faster and took the bf16 dense route at density 1.0 from 0.89x to 1.00x dense
-    (single-core A/B). For f32 a uint32 view changed nothing.
-    """
-    if a.dtype.itemsize == 2 and jnp.issubdtype(a.dtype, jnp.floating):
-        return jax.lax.bitcast_convert_type(a, jnp.uint16)
-    return a
-
-
-def _from_bits(a: jax.Array, dtype) -> jax.Array:
-    """Undoes ``_to_bits`` for an array of ``dtype``."""
-    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+    return from_bits(jnp.concatenate([to_bits(p) for p in pieces], axis=axis), dtype)
 
 
 def dense_is_faster(layout: BlockLayout, dtype) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.bit_views import to_bits
 from kernels.paged_attention import common
 
 
@@ -87,8 +88,7 @@ def paged_attention(
     q_parts = [part.astype(jnp.float32) for part in q_parts]
     # Gather the bf16 bits as uint16 (a same-size bitcast, free). Viewing the pool as
     # uint32 pairs instead made XLA copy both whole pools on every call.
-    bits = lambda pages: jax.lax.bitcast_convert_type(pages, jnp.uint16)
-    k_pool, v_pool = (bits(k_pages), bits(v_pages)) if split else (k_pages, v_pages)
+    k_pool, v_pool = (to_bits(k_pages), to_bits(v_pages)) if split else (k_pages, v_pages)
     dp = k_pool.shape[-1]
     q_pos = lengths[:, None] - s + jnp.arange(rows)[None, :] // g  # [B, rows]
 

@@ -23,6 +23,7 @@ from capibara.core.inference.params import EngineConfig
 from capibara.core.inference.sampling import SamplingBatch, sample
 from capibara.core.inference.scheduler import StepPlan
 from capibara.core.layers import PagedBatch, dtype_of
+from kernels.bit_views import from_bits, to_bits
 
 
 class _Structure:
@@ -61,25 +62,15 @@ def _step(structure: _Structure, leaves, cache, tokens, batch: PagedBatch, sampl
     call costs as much Python time as the hashing above."""
     state = jax.tree.unflatten(structure.treedef, leaves)
     model = nnx.merge(structure.graphdef, state)
+    # 16-bit KV pools are kept as uint16 words between steps (``kernels.bit_views``):
+    # XLA:CPU copies a whole pool at each bf16 <-> uint16 bitcast crossing the jit
+    # boundary, and ``write_kv`` needs the integer type to scatter in place. Stored as
+    # words, these bitcasts cancel inside the program and each layer writes in place.
     dtype = dtype_of(model.config.compute_dtype)
-    pools = [tuple(_from_storage(p, dtype) for p in kv) for kv in cache]
+    pools = [tuple(from_bits(p, dtype) for p in kv) for kv in cache]
     logits, pools, load = model.forward_with_cache(tokens, pools, batch)
-    cache = [tuple(_to_storage(p) for p in kv) for kv in pools]
+    cache = [tuple(to_bits(p) for p in kv) for kv in pools]
     return sample(logits, sampling), cache, load
-
-
-# The KV pools are kept as uint16 words when the cache dtype is 16-bit. XLA:CPU
-# copies a whole pool at each bf16 <-> uint16 bitcast crossing the jit boundary (and
-# ``write_kv`` needs the integer type to scatter in place): stored as words, the
-# step's bitcasts cancel inside the program and each layer's write is in place.
-def _to_storage(pages):
-    if jnp.dtype(pages.dtype).itemsize == 2 and jnp.issubdtype(pages.dtype, jnp.floating):
-        return jax.lax.bitcast_convert_type(pages, jnp.uint16)
-    return pages
-
-
-def _from_storage(pages, dtype):
-    return jax.lax.bitcast_convert_type(pages, dtype) if pages.dtype == jnp.uint16 else pages
 
 
 class ModelRunner:
@@ -92,7 +83,7 @@ class ModelRunner:
         self.leaves, treedef = jax.tree.flatten(state)
         self.structure = _Structure(graphdef, treedef)
         pools = allocate_cache(model.config, config.num_pages, config.page_size)
-        self.cache = [tuple(_to_storage(p) for p in kv) for kv in pools]
+        self.cache = [tuple(to_bits(p) for p in kv) for kv in pools]
         # Step shapes this engine has run: each is compiled once per process (or found
         # in jit's cache when another engine compiled it first).
         self.shapes: set[int] = set()
