@@ -34,11 +34,10 @@ def _forward(x, blocks, cfg: OpConfig):
         return jnp.zeros((x.shape[0], layout.padded_shape[1]), x.dtype)
     if cfg.backend == "pallas":
         return pallas_tpu.matmul(x, blocks, layout, block_m=cfg.block_m, interpret=cfg.interpret)
+    # Both xla routes accumulate in f32 and return x.dtype.
     if xla.dense_is_faster(layout, x.dtype):
-        out = xla.matmul_dense_columns(x, blocks, layout)
-    else:
-        out = xla.matmul(x, blocks, layout)
-    return out.astype(x.dtype)
+        return xla.matmul_dense_columns(x, blocks, layout)
+    return xla.matmul(x, blocks, layout)
 
 
 def _input_grad(dy, blocks, cfg: OpConfig):
