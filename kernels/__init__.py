@@ -7,6 +7,7 @@ implementation runs where.
 
 from kernels import moe
 from kernels.block_sparse import BlockSparseMatrix, block_sparse_matmul
+from kernels.decode_matmul import decode_matmul
 from kernels.flash_attention import flash_attention
 from kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
 from kernels.paged_attention import paged_attention, paged_prefill_attention
@@ -14,6 +15,7 @@ from kernels.paged_attention import paged_attention, paged_prefill_attention
 __all__ = [
     "BlockSparseMatrix",
     "block_sparse_matmul",
+    "decode_matmul",
     "flash_attention",
     "grouped_matmul",
     "moe",

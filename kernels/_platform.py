@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 Implementation = Literal["pallas", "xla", "reference"]
 IMPLEMENTATIONS: tuple[str, ...] = ("pallas", "xla", "reference")
@@ -143,8 +143,18 @@ def _raise_eagerly(*args, out_avals, message):
     raise ValueError(f"{message} (running eagerly on {jax.default_backend()})")
 
 
+def _batch(args, dims, *, out_avals, message):
+    """Under vmap: the same failing branch with a leading batch axis on its outputs
+    (its operands only carry the avals along, so they pass as they are)."""
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    avals = tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals)
+    outs = _unavailable_p.bind(*args, out_avals=avals, message=message)
+    return outs, [0] * len(outs)
+
+
 mlir.register_lowering(_unavailable_p, _raise_at_lowering)
 _unavailable_p.def_impl(_raise_eagerly)
+batching.primitive_batchers[_unavailable_p] = _batch
 
 
 def _fail_at_lowering(like: Callable[..., object], message: str) -> Callable[..., object]:

@@ -38,23 +38,18 @@ class RMSNorm(nnx.Module):
         return (normed * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
 
 
-def matmul_f32(x, w, *, w_transposed: bool = False):
+def matmul_f32(x, w, *, w_transposed: bool = False, implementation: str | None = None):
     """``x [..., k] @ w [k, n]`` (or ``w [n, k]`` if ``w_transposed``) -> f32 ``[..., n]``.
 
-    Inputs in their own dtype, accumulation in f32. A single row of a 16-bit ``x`` is
-    padded to two: XLA:CPU lowers a one-row bf16 dot to a vector-matrix product that
-    first converts the whole weight to f32 (a materialized copy, every call: ~15x the
-    time of the two-row product, which runs as one bf16 GEMM with f32 accumulation).
-    Batch-1 decoding is exactly that case. f32 keeps one row: its vector path is fast.
+    Inputs in their own dtype, accumulation in f32, through ``kernels.decode_matmul``:
+    on CPU the few-row bf16 products of decoding run its native kernel (about twice
+    XLA's bf16 dot at batch 1), everything else XLA's dot. ``implementation`` is the
+    model's setting: ``"xla"``/``"reference"`` pass through; ``"pallas"`` and ``None``
+    let the op pick (it has no Pallas kernel).
     """
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, k)
-    pad = rows.shape[0] == 1 and jnp.dtype(x.dtype).itemsize < 4
-    if pad:
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-    contract = ((1,), (1,) if w_transposed else (0,))
-    y = jax.lax.dot_general(rows, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-    return (y[:1] if pad else y).reshape(*lead, y.shape[-1])
+    if implementation not in ("xla", "reference"):
+        implementation = None
+    return kernels.decode_matmul(x, w, w_transposed=w_transposed, implementation=implementation)
 
 
 class Linear(nnx.Module):
@@ -104,7 +99,9 @@ class Linear(nnx.Module):
                 interpret=self.interpret,
             )
         else:
-            y = matmul_f32(x, kernel.astype(self.compute_dtype)).astype(self.compute_dtype)
+            kernel = kernel.astype(self.compute_dtype)
+            y = matmul_f32(x, kernel, implementation=self.implementation)
+            y = y.astype(self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.compute_dtype)
         return y
