@@ -9,10 +9,10 @@
 // Built only where the compiler targets AVX512-BF16 (`-march=native` on such a CPU);
 // elsewhere the handler reports itself unavailable and Python uses XLA's dot.
 //
-// Work is split in column (or, transposed, row) chunks between the calling thread
-// and XLA's intra-op thread pool. Chunks are claimed from an atomic counter, so the
-// caller never waits on a task that has not started: no deadlock when the pool is
-// busy, the caller then does every chunk itself.
+// Work is split between the calling thread and tasks on XLA's intra-op thread pool
+// (see Work and Region below): each starts on its own contiguous share and then
+// takes what is left of the others', so the caller never waits for a task that has
+// not started (no deadlock when the pool is busy: the caller then does it all).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -37,27 +37,17 @@ constexpr int kMaxRows = 8;  // rows of x per register block; more rows loop
 // Software prefetch distances (measured on a Zen 5 core: 8-16 KiB ahead doubled the
 // bandwidth of the 8-row products over the hardware prefetcher alone).
 constexpr int64_t kPrefetchElements = 4096;  // nk: along each row stream (8 KiB)
-constexpr int64_t kPrefetchBytes = 16384;    // kn: along each chunk's rows
-
-// Signature shared by the block kernels: rows [0, M) of x, output columns
-// [lo, hi) of y (rows of w when transposed).
-using BlockFn = void (*)(const uint16_t* x, const uint16_t* w, float* y, int64_t K,
-                         int64_t N, int64_t lo, int64_t hi);
+constexpr int64_t kPrefetchBytes = 16384;    // kn: along the rows
+constexpr int64_t kChunkBytes = 32768;  // weight bytes per unit of work shared out
 
 #if CAPIBARA_DPBF16
 // ---- AVX512-BF16 --------------------------------------------------------------------
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-// w [K, N]: pairs of rows (k, k+1) are interleaved word by word so that each f32
-// lane holds (w[k, j], w[k+1, j]) for one column j, and x contributes the pair
-// (x[m, k], x[m, k+1]) broadcast to every lane. Rows are visited in groups of
-// kGroup with the partial sums kept in y between groups, so the weights are read
-// as kGroup sequential streams (hardware prefetch friendly) rather than down a
-// column strip.
-// Rows per pass of kn_block. Rows N * 2 bytes apart share L1 sets (64 sets of 64 B:
-// addresses 4 KiB apart collide); at most ~6 lines per set leaves room in the 12
-// ways for the partial sums and x. 32 rows otherwise.
+// Rows of w [K, N] per pass of kn_rows when x has several rows. Rows N * 2 bytes
+// apart share L1 sets (64 sets of 64 B: addresses 4 KiB apart collide); at most ~6
+// lines per set leaves room in the 12 ways for the partial sums and x. 32 otherwise.
 inline int64_t group_rows(int64_t N) {
   int64_t stride = (N * 2) % 4096, distinct = 1;
   if (stride != 0) {
@@ -68,21 +58,28 @@ inline int64_t group_rows(int64_t N) {
   return std::min<int64_t>(32, std::max<int64_t>(2, 6 * distinct / 2 * 2));
 }
 
-template <int M>
-void kn_block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N,
-              int64_t lo, int64_t hi) {
-  // One row of x: partial sums are cheap to reload, so pairs of rows (two streams)
-  // read best. More rows: groups amortize reloading them over more products.
-  const int64_t kGroup = M == 1 ? 2 : group_rows(N);
-  // x as (x[m, k], x[m, k+1]) words, a zero after an odd K: one broadcast per pair.
+// x rows as (x[m, k], x[m, k+1]) words, a zero after an odd K: one broadcast per pair.
+std::vector<int32_t> pair_words(const uint16_t* x, int64_t M, int64_t K) {
   const int64_t kp = (K + 1) / 2;
-  std::vector<int32_t> xpairs(M * kp);
-  #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
+  std::vector<int32_t> pairs(M * kp);
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < kp; ++i) {
-      const uint32_t hi16 = 2 * i + 1 < K ? x[m * K + 2 * i + 1] : 0;
-      xpairs[m * kp + i] = int32_t(x[m * K + 2 * i] | (hi16 << 16));
+      const uint32_t second = 2 * i + 1 < K ? x[m * K + 2 * i + 1] : 0;
+      pairs[m * kp + i] = int32_t(x[m * K + 2 * i] | (second << 16));
     }
+  return pairs;
+}
+
+// Adds rows [k_lo, k_hi) of w [K, N] (k_lo even) times x to acc [M, N]. Pairs of rows
+// (k, k+1) are interleaved word by word so that each f32 lane holds (w[k, j],
+// w[k+1, j]) for one column j, and x contributes the pair (x[m, k], x[m, k+1])
+// broadcast to every lane (`xpairs` [M, (K + 1) / 2] from pair_words). Rows go in
+// passes of `group`, the partial sums of 32 columns held in registers across a pass
+// and in acc between passes, so the weights are read as `group` row streams rather
+// than down a column strip.
+template <int M>
+void kn_rows(const int32_t* xpairs, const uint16_t* w, float* acc, int64_t K, int64_t N,
+             int64_t k_lo, int64_t k_hi, int64_t group) {
   alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37,
                                                6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
                                                12, 44, 13, 45, 14, 46, 15, 47};
@@ -90,23 +87,20 @@ void kn_block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t
                                                53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
                                                27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i idx_lo = _mm512_load_si512(kLo), idx_hi = _mm512_load_si512(kHi);
-  #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) std::fill(y + m * N + lo, y + m * N + hi, 0.0f);
-  // Prefetch rows `ahead` rows down: at least the next group, at least
-  // kPrefetchBytes further along this chunk's stream.
-  const int64_t ahead =
-      std::max<int64_t>(kGroup, (kPrefetchBytes / (2 * (hi - lo)) + 1) / 2 * 2);
-  for (int64_t k0 = 0; k0 < K; k0 += kGroup) {
-    const int64_t k1 = std::min(K, k0 + kGroup);
-    for (int64_t j = lo; j < hi; j += 32) {
-      const int64_t cols = std::min<int64_t>(32, hi - j);
+  const int64_t kp = (K + 1) / 2;
+  // Prefetch `ahead` rows down: at least the next group, at least kPrefetchBytes on.
+  const int64_t ahead = std::max<int64_t>(group, (kPrefetchBytes / (2 * N) + 1) / 2 * 2);
+  for (int64_t k0 = k_lo; k0 < k_hi; k0 += group) {
+    const int64_t k1 = std::min(k_hi, k0 + group);
+    for (int64_t j = 0; j < N; j += 32) {
+      const int64_t cols = std::min<int64_t>(32, N - j);
       const __mmask32 wmask = cols == 32 ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
       const __mmask16 mlo = __mmask16(wmask), mhi = __mmask16(wmask >> 16);
       __m512 acc_lo[M], acc_hi[M];
       #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        acc_lo[m] = _mm512_maskz_loadu_ps(mlo, y + m * N + j);
-        acc_hi[m] = _mm512_maskz_loadu_ps(mhi, y + m * N + j + 16);
+        acc_lo[m] = _mm512_maskz_loadu_ps(mlo, acc + m * N + j);
+        acc_hi[m] = _mm512_maskz_loadu_ps(mhi, acc + m * N + j + 16);
       }
       for (int64_t k = k0; k < k1; k += 2) {
         const bool pair = k + 1 < K;
@@ -129,8 +123,8 @@ void kn_block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t
       }
       #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        _mm512_mask_storeu_ps(y + m * N + j, mlo, acc_lo[m]);
-        _mm512_mask_storeu_ps(y + m * N + j + 16, mhi, acc_hi[m]);
+        _mm512_mask_storeu_ps(acc + m * N + j, mlo, acc_lo[m]);
+        _mm512_mask_storeu_ps(acc + m * N + j + 16, mhi, acc_hi[m]);
       }
     }
   }
@@ -182,37 +176,110 @@ void nk_block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t
   for (; n < hi; ++n) nk_rows<M, 1>(x, w, y, K, N, n);
 }
 
+using KnFn = void (*)(const int32_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
+                     int64_t, int64_t);
+using NkFn = void (*)(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
+                     int64_t);
+
 template <int... Ms>
-constexpr BlockFn pick(bool transposed, int m, std::integer_sequence<int, Ms...>) {
-  BlockFn fn = nullptr;
-  ((fn = (m == Ms + 1) ? (transposed ? nk_block<Ms + 1> : kn_block<Ms + 1>) : fn), ...);
+KnFn kn_fn(int m, std::integer_sequence<int, Ms...>) {
+  KnFn fn = nullptr;
+  ((fn = m == Ms + 1 ? kn_rows<Ms + 1> : fn), ...);
+  return fn;
+}
+template <int... Ms>
+NkFn nk_fn(int m, std::integer_sequence<int, Ms...>) {
+  NkFn fn = nullptr;
+  ((fn = m == Ms + 1 ? nk_block<Ms + 1> : fn), ...);
   return fn;
 }
 
-BlockFn block_fn(bool transposed, int rows) {
-  return pick(transposed, rows, std::make_integer_sequence<int, kMaxRows>{});
-}
+// Chunks [front, back) of one party's share, claimed by its owner from the front and
+// by the others, once they run out of their own, from the back: each thread reads a
+// contiguous stream while it can, and a late starter's share is not waited for.
+class Region {
+ public:
+  void init(uint32_t front, uint32_t back) { bounds_.store(uint64_t(front) << 32 | back); }
+  bool take_front(int64_t* chunk) { return take(chunk, true); }
+  bool take_back(int64_t* chunk) { return take(chunk, false); }
 
-// Shared by the caller and the pool tasks; a task that starts after all chunks are
-// claimed finds none and returns, so the state must outlive the call (shared_ptr).
+ private:
+  bool take(int64_t* chunk, bool front) {
+    uint64_t v = bounds_.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint32_t f = uint32_t(v >> 32), b = uint32_t(v);
+      if (f >= b) return false;
+      const uint64_t next = front ? uint64_t(f + 1) << 32 | b : uint64_t(f) << 32 | (b - 1);
+      if (bounds_.compare_exchange_weak(v, next, std::memory_order_relaxed)) {
+        *chunk = front ? f : b - 1;
+        return true;
+      }
+    }
+  }
+  std::atomic<uint64_t> bounds_{0};
+};
+
+// One product shared by the calling thread (party 0) and XLA pool tasks (parties
+// 1..). kn splits the rows of w (the contraction): party 0 adds into y, the others
+// into their own partial sums, added to y at the end. nk splits the outputs.
+// Owned by a shared_ptr: a pool task that starts after every chunk is taken finds
+// nothing to do but still reads this state.
 struct Work {
   const uint16_t* x;
   const uint16_t* w;
   float* y;
-  int64_t M, K, N, chunk, num_chunks;
+  int64_t M, K, N;
   bool transposed;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  std::vector<int32_t> xpairs;  // kn
+  int64_t group = 0;            // kn rows per pass
+  int64_t chunk = 0, extent = 0, num_chunks = 0;
+  int parties = 1;
+  std::unique_ptr<Region[]> regions;
+  std::vector<std::vector<float>> partials;  // kn, parties 1..
+  std::atomic<int64_t> chunks_done{0};
 
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      const int64_t lo = c * chunk, hi = std::min(N, lo + chunk);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int rows = int(std::min<int64_t>(kMaxRows, M - m0));
-        block_fn(transposed, rows)(x + m0 * K, w, y + m0 * N, K, N, lo, hi);
-      }
-      done.fetch_add(1, std::memory_order_acq_rel);
+  void setup(int max_parties) {
+    extent = transposed ? N : K;
+    if (transposed) {
+      chunk = std::max<int64_t>(2, kChunkBytes / (2 * K));
+    } else {
+      group = M == 1 ? 2 : group_rows(N);
+      chunk = std::max<int64_t>(1, kChunkBytes / (2 * N) / group) * group;
+      xpairs = pair_words(x, M, K);
     }
+    num_chunks = (extent + chunk - 1) / chunk;
+    parties = int(std::max<int64_t>(1, std::min<int64_t>(max_parties, num_chunks)));
+    regions.reset(new Region[parties]);
+    for (int p = 0; p < parties; ++p)
+      regions[p].init(uint32_t(num_chunks * p / parties), uint32_t(num_chunks * (p + 1) / parties));
+    partials.resize(parties - 1);
+  }
+
+  void run(int party) {
+    int64_t c;
+    while (regions[party].take_front(&c)) process(party, c);
+    for (int i = 1; i < parties; ++i)
+      while (regions[(party + i) % parties].take_back(&c)) process(party, c);
+  }
+
+  void process(int party, int64_t c) {
+    const int64_t lo = c * chunk, hi = std::min(extent, lo + chunk);
+    float* out = y;
+    if (!transposed && party > 0) {
+      std::vector<float>& mine = partials[party - 1];
+      if (mine.empty()) mine.assign(M * N, 0.0f);
+      out = mine.data();
+    }
+    const int64_t kp = (K + 1) / 2;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int rows = int(std::min<int64_t>(kMaxRows, M - m0));
+      const auto seq = std::make_integer_sequence<int, kMaxRows>{};
+      if (transposed)
+        nk_fn(rows, seq)(x + m0 * K, w, y + m0 * N, K, N, lo, hi);
+      else
+        kn_fn(rows, seq)(xpairs.data() + m0 * kp, w, out + m0 * N, K, N, lo, hi, group);
+    }
+    chunks_done.fetch_add(1, std::memory_order_release);
   }
 };
 
@@ -243,18 +310,14 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   work->K = K;
   work->N = N;
   work->transposed = transposed;
-  // One contiguous chunk per thread: long sequential weight streams. Column chunks
-  // are whole 32-column vectors.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t chunk = (N + threads - 1) / threads;
-  if (!transposed) chunk = (chunk + 31) / 32 * 32;
-  work->chunk = chunk;
-  work->num_chunks = (N + chunk - 1) / chunk;
-  for (int64_t t = 1; t < work->num_chunks; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
-    _mm_pause();
-  }
+  work->setup(int(std::max<int64_t>(1, pool.num_threads())));
+  if (!transposed) std::fill(work->y, work->y + M * N, 0.0f);
+  for (int p = 1; p < work->parties; ++p)
+    pool.Schedule([work, p] { work->run(p); });
+  work->run(0);
+  while (work->chunks_done.load(std::memory_order_acquire) < work->num_chunks) _mm_pause();
+  for (const std::vector<float>& partial : work->partials)
+    for (int64_t i = 0; i < int64_t(partial.size()); ++i) work->y[i] += partial[i];
   return ffi::Error::Success();
 #endif
 }
