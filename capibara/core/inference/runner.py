@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -139,15 +138,18 @@ class ModelRunner:
         for j in range(len(plan.prefills), bp):  # idle rows: padding, greedy, ignored
             logit_index.append(slots + j * s)
             rows.append(None)
+        # Host arrays go to the jitted step as they are: jit's C++ dispatch moves them
+        # (~1 us each), where a jnp.asarray per array cost ~50 us of Python, 0.9 ms of
+        # a batch-8 decode step for the 16 arrays.
         batch = PagedBatch(
-            positions=jnp.asarray(positions),
-            write_pages=jnp.asarray(write_pages),
-            write_offsets=jnp.asarray(write_offsets),
-            decode_lengths=jnp.asarray(dec_lengths),
-            decode_page_table=jnp.asarray(dec_table),
-            prefill_lengths=jnp.asarray(pre_lengths),
-            prefill_page_table=jnp.asarray(pre_table),
-            logit_index=jnp.asarray(np.asarray(logit_index, np.int32)),
-            padding=jnp.asarray(padding),
+            positions=positions,
+            write_pages=write_pages,
+            write_offsets=write_offsets,
+            decode_lengths=dec_lengths,
+            decode_page_table=dec_table,
+            prefill_lengths=pre_lengths,
+            prefill_page_table=pre_table,
+            logit_index=np.asarray(logit_index, np.int32),
+            padding=padding,
         )
-        return jnp.asarray(tokens), batch, SamplingBatch.build(rows)
+        return tokens, batch, SamplingBatch.build(rows)

@@ -31,9 +31,12 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, rows: list[tuple[SamplingParams, int, int] | None]) -> SamplingBatch:
-        """``rows[i] = (params, seed, counter)`` or ``None`` for an idle (greedy) row."""
+        """``rows[i] = (params, seed, counter)`` or ``None`` for an idle (greedy) row.
+
+        The fields are host (numpy) arrays: the jitted step takes them as they are."""
         n = len(rows)
-        temperature, top_p, min_p = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n)
+        temperature, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
+        min_p = np.zeros(n, np.float32)
         top_k, seed, counter = np.zeros(n, np.int32), np.zeros(n, np.uint32), np.zeros(n, np.int32)
         for i, row in enumerate(rows):
             if row is None:
@@ -41,14 +44,7 @@ class SamplingBatch:
             params, seed[i], counter[i] = row
             temperature[i], top_k[i] = params.temperature, params.top_k
             top_p[i], min_p[i] = params.top_p, params.min_p
-        return cls(
-            jnp.asarray(temperature),
-            jnp.asarray(top_k),
-            jnp.asarray(top_p),
-            jnp.asarray(min_p, jnp.float32),
-            jnp.asarray(seed),
-            jnp.asarray(counter),
-        )
+        return cls(temperature, top_k, top_p, min_p, seed, counter)
 
 
 def _filtered_sample(logits, params: SamplingBatch):
