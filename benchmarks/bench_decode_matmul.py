@@ -3,9 +3,10 @@
 A decode step multiplies one row per sequence by every weight, so it is bound by how
 fast the weights stream from memory. Each case chains several distinct weights (more
 bytes than the L3 cache, as in a real step) and feeds every product back into the
-next input, so the calls run one after another. Shapes: the MLP's up (768x2048, rows
-of w 4 KiB apart) and down (2048x768) projections, and the tied vocab head
-(``table [32000, 768]``, ``w_transposed=True``), at 1, 8 and 32 rows.
+next input, so the calls run one after another. Shapes: the MLP's up (768 -> 2048;
+``[K, N]`` rows 4 KiB apart) and down (2048 -> 768) projections in both layouts, and
+the tied vocab head (``table [32000, 768]``, ``w_transposed=True``), at 1, 8 and 32
+rows.
 
 Rows per case, in one process on the same weights: XLA's bf16 dot (the baseline),
 ``implementation=None`` (the native AVX512-BF16 kernel on CPU up to
@@ -27,15 +28,18 @@ import pytest
 import kernels
 from kernels.decode_matmul import MAX_NATIVE_ROWS, flops, native
 
-# name -> (K, N, w_transposed, number of chained weights)
+# name -> (K, N, w_transposed, number of chained weights). "kn": w [K, N] (the model's
+# layout); "nk": w [N, K] (the serving engine's copy, and the tied vocab head).
 SHAPES = {
-    "up 768x2048": (768, 2048, False, 24),
-    "down 2048x768": (2048, 768, False, 24),
-    "head 32000x768 (nk)": (768, 32000, True, 2),
+    "up 768->2048 kn": (768, 2048, False, 24),
+    "up 768->2048 nk": (768, 2048, True, 24),
+    "down 2048->768 kn": (2048, 768, False, 24),
+    "down 2048->768 nk": (2048, 768, True, 24),
+    "head 768->32000 nk": (768, 32000, True, 2),
 }
 ROWS = [1, 8, 32]
 CASES = [(s, m) for s in SHAPES for m in ROWS]
-IDS = [f"{s.split()[0]}-m{m}" for s, m in CASES]
+IDS = [f"{s.split()[0]}-{s.split()[-1]}-m{m}" for s, m in CASES]
 FEEDBACK = 1e-3  # x <- x + FEEDBACK * y[:, :1]: each call depends on the previous one
 
 

@@ -18,11 +18,10 @@ core). Its rows are the slowest to
 share the machine: a 27-minute run, alongside other benchmarks, timed transformers'
 f32 batch-8 ``generate`` at 97 s (3.3 s alone).
 
-On XLA:CPU the bf16 rows depend on the model's formulations (``capibara.core.layers``):
-bf16 x bf16 dots with f32 accumulation of at least two rows (a one-row bf16 dot
-converts the whole weight to f32 first) and KV pages written as ``uint16``. No XLA
-flag is set: of the CPU dot back-ends in jaxlib 0.10.2 (``xla_cpu_experimental_
-{ynn,xnn,onednn}_fusion_type``), only the default YNN fusion runs bf16 dots fast.
+On XLA:CPU the bf16 rows depend on ``kernels.decode_matmul``'s native kernel (the
+decode steps' linears and vocab head; it needs a C++ compiler and an AVX512-BF16
+CPU, else XLA's bf16 dot runs: about f32 speed) and on the engine's ``[out, in]``
+weight copy (``EngineConfig.out_in_weights``, default on CPU). No XLA flag is set.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from benchmarks.torch_peer import llama_with_weights_of
 from capibara.core.config import preset
 from capibara.core.inference import CapibaraInference, EngineConfig, SamplingParams
 from capibara.core.model import CapibaraModel
+from kernels.decode_matmul import native
 
 PROMPT, NEW = 32, 64
 BATCHES = [1, 8, 32]
@@ -146,6 +146,13 @@ def bench_transformers(measure, benchmark, batch, dtype):
     )
 
 
+def _kernels_note(dtype: str) -> str:
+    backend = jax.default_backend()
+    if backend == "cpu" and dtype == "bfloat16" and native.available():
+        return "cpu: native decode matmul, xla kernels"
+    return f"{backend}: xla kernels"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
 def bench_capibara(measure, benchmark, batch, dtype):
@@ -180,7 +187,7 @@ def bench_capibara(measure, benchmark, batch, dtype):
             lambda: float(np.mean([g.metrics.ttft for g in last])),  # the last timed run
         )
         benchmark.extra_info["note"] += (
-            f"; {jax.default_backend()}: xla kernels, {engine.num_compilations} compiled shapes"
+            f"; {_kernels_note(dtype)}, {engine.num_compilations} compiled shapes"
         )
     finally:
         engine.close()

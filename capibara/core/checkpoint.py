@@ -188,6 +188,16 @@ def load_weights(model, tensors: dict[str, np.ndarray]) -> None:
 
 def state_tensors(model) -> dict[str, np.ndarray]:
     """The model's parameters under their Hugging Face names (dense numpy arrays)."""
+    serving = [
+        ".".join(map(str, path))
+        for path, module in nnx.iter_graph(model)
+        if getattr(module, "kernel_out_in", False) or getattr(module, "lm_head_out_in", False)
+    ]
+    if serving:
+        raise ValueError(
+            f"{serving[0]} holds an [out, in] serving copy of its weights (made by an "
+            "inference engine); save the model it was made from"
+        )
     tensors: dict[str, np.ndarray] = {}
     dense_kernels = _dense_kernels(model)
     for path, var in _flat_params(model).items():

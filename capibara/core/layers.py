@@ -72,9 +72,24 @@ class Linear(nnx.Module):
         self.implementation = config.implementation
         self.interpret = config.interpret_kernels
         self.sparse_layout: BlockLayout | None = None
+        self.kernel_out_in = False  # the serving layout, see use_out_in_layout
+
+    def use_out_in_layout(self) -> None:
+        """Stores a dense kernel as ``[out, in]`` (a transposed copy; no-op if sparse).
+
+        The layout ``kernels.decode_matmul``'s CPU kernel streams fastest (each output a
+        dot product of two contiguous rows: ~25 % less time per decode step than
+        ``[in, out]`` for the ``small`` model). For serving copies of a model
+        (``capibara.core.inference``); checkpoints, sharding and sparsity read ``[in, out]``.
+        """
+        if self.sparse_layout is None and not self.kernel_out_in:
+            self.kernel = nnx.Param(self.kernel.get_value().T)
+            self.kernel_out_in = True
 
     def make_sparse(self, w: BlockSparseMatrix) -> None:
         """Replaces the kernel by the stored blocks of ``w`` (same ``[in, out]`` shape)."""
+        if self.kernel_out_in:
+            raise ValueError("make_sparse: the kernel is in the [out, in] serving layout")
         if tuple(w.shape) != tuple(self.kernel.get_value().shape):
             raise ValueError(
                 f"block-sparse kernel shape {w.shape} != {self.kernel.get_value().shape}"
@@ -85,7 +100,8 @@ class Linear(nnx.Module):
     def dense_kernel(self) -> jax.Array:
         """The ``[in, out]`` kernel, zeros where blocks were pruned."""
         if self.sparse_layout is None:
-            return self.kernel.get_value()
+            kernel = self.kernel.get_value()
+            return kernel.T if self.kernel_out_in else kernel
         return BlockSparseMatrix(self.kernel.get_value(), self.sparse_layout).to_dense()
 
     def __call__(self, x):  # [..., d_in] -> [..., d_out]
@@ -100,7 +116,9 @@ class Linear(nnx.Module):
             )
         else:
             kernel = kernel.astype(self.compute_dtype)
-            y = matmul_f32(x, kernel, implementation=self.implementation)
+            y = matmul_f32(
+                x, kernel, w_transposed=self.kernel_out_in, implementation=self.implementation
+            )
             y = y.astype(self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.compute_dtype)

@@ -156,13 +156,20 @@ class OutputHead(nnx.Module):
             shape = (config.hidden_size, config.vocab_size)
             self.lm_head = nnx.Param(init(rngs.params(), shape, param_dtype))
         self.compute_dtype = dtype_of(config.compute_dtype)
+        self.lm_head_out_in = False  # the serving layout, see use_out_in_layout
+
+    def use_out_in_layout(self) -> None:
+        """Stores an untied ``lm_head`` as ``[vocab, d]``, as ``Linear.use_out_in_layout``."""
+        if self.lm_head is not None and not self.lm_head_out_in:
+            self.lm_head = nnx.Param(self.lm_head.get_value().T)
+            self.lm_head_out_in = True
 
     def __call__(self, x, embedding: CapibaraEmbedding):  # [B, S, d] -> f32 [B, S, vocab]
         x = self.norm(x)
         if self.lm_head is None:
             return embedding.attend(x)
         head = self.lm_head.get_value().astype(self.compute_dtype)
-        return matmul_f32(x, head)  # "bsd,dv->bsv"
+        return matmul_f32(x, head, w_transposed=self.lm_head_out_in)  # "bsd,dv->bsv"
 
 
 class CapibaraModel(nnx.Module):

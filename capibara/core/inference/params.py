@@ -54,6 +54,10 @@ class EngineConfig:
     prefill_rows: int = 1
     prefix_cache: bool = True  # share page-aligned prompt prefixes between requests
     seed: int = 0  # draws the seed of requests that give none
+    # Serve from an [out, in] copy of the dense weights (``serving_layout.py``): faster
+    # decode steps on CPU, for the memory of that copy while the caller keeps its
+    # model. None: when JAX's default backend is the CPU.
+    out_in_weights: bool | None = None
 
     def __post_init__(self):
         for name, minimum in (
@@ -75,6 +79,10 @@ class EngineConfig:
             )
         if not isinstance(self.prefix_cache, bool):
             raise TypeError(f"EngineConfig.prefix_cache must be a bool, got {self.prefix_cache!r}")
+        if self.out_in_weights is not None and not isinstance(self.out_in_weights, bool):
+            raise TypeError(
+                f"EngineConfig.out_in_weights must be a bool or None, got {self.out_in_weights!r}"
+            )
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from capibara.core.inference.kv_cache import SCRATCH_PAGE, allocate_cache
 from capibara.core.inference.params import EngineConfig
 from capibara.core.inference.sampling import SamplingBatch, sample
 from capibara.core.inference.scheduler import StepPlan
+from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.layers import PagedBatch, dtype_of
 from kernels.bit_views import from_bits, to_bits
 
@@ -78,6 +79,10 @@ class ModelRunner:
     def __init__(self, model, config: EngineConfig):
         self.config = config
         self.model_config = model.config
+        out_in = config.out_in_weights
+        if out_in if out_in is not None else jax.default_backend() == "cpu":
+            model = out_in_copy(model)
+        self.model = model  # what the steps run (its arrays are the leaves below)
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self.structure = _Structure(graphdef, treedef)
