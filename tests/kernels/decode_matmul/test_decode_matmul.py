@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import decode_matmul
+from kernels import decode_matmul, native_build
 from kernels.decode_matmul import native
 from kernels.testing import assert_close
 
@@ -32,7 +32,7 @@ def _cpu_has_avx512_bf16() -> bool:
 NATIVE_EXPECTED = (
     jax.default_backend() == "cpu"
     and _cpu_has_avx512_bf16()
-    and any(map(shutil.which, native.COMPILERS))
+    and any(map(shutil.which, native_build.COMPILERS))
 )
 needs_native = pytest.mark.skipif(
     not NATIVE_EXPECTED, reason="no AVX512-BF16 CPU with a C++ compiler: XLA's dot runs instead"
@@ -189,17 +189,16 @@ def test_errors_name_the_bad_values():
 
 
 def test_missing_compiler_is_reported_not_raised(monkeypatch):
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    with pytest.raises(native._Unavailable, match="no C\\+\\+ compiler"):
-        native._build()
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
+    with pytest.raises(native_build.Unavailable, match="no C\\+\\+ compiler"):
+        native_build.build(native.SOURCE)
 
 
 def test_failed_build_is_reported_with_the_compiler_output(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    if not any(map(shutil.which, native.COMPILERS)):
+    if not any(map(shutil.which, native_build.COMPILERS)):
         pytest.skip("no C++ compiler on this machine")
-    with pytest.raises(native._Unavailable, match="failed"):
-        native._build()
+    with pytest.raises(native_build.Unavailable, match="failed on broken.cc"):
+        native_build.build(broken)
