@@ -200,5 +200,5 @@ def test_failed_build_is_reported_with_the_compiler_output(monkeypatch, tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     if not any(map(shutil.which, native_build.COMPILERS)):
         pytest.skip("no C++ compiler on this machine")
-    with pytest.raises(native_build.Unavailable, match="failed on broken.cc"):
+    with pytest.raises(native_build.Unavailable, match=r"failed on broken\.cc"):
         native_build.build(broken)
