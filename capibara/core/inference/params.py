@@ -55,8 +55,9 @@ class EngineConfig:
     prefix_cache: bool = True  # share page-aligned prompt prefixes between requests
     seed: int = 0  # draws the seed of requests that give none
     # Serve from an [out, in] copy of the dense weights (``serving_layout.py``): faster
-    # decode steps on CPU, for the memory of that copy while the caller keeps its
-    # model. None: when JAX's default backend is the CPU.
+    # bf16 decode steps on CPU, for the memory of that copy while the caller keeps its
+    # model. None: where kernels.decode_matmul's native kernel runs the model (CPU,
+    # bf16 compute, the kernel built); XLA's f32 dot is slower on that layout.
     out_in_weights: bool | None = None
 
     def __post_init__(self):

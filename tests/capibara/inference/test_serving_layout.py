@@ -15,6 +15,7 @@ from capibara.core.inference import EngineConfig, SamplingParams
 from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.model import CapibaraModel
 from capibara.sparsity import sparsify
+from kernels.decode_matmul import native as decode_matmul_native
 from kernels.testing import assert_close
 
 
@@ -58,11 +59,13 @@ def test_engine_tokens_do_not_depend_on_the_layout():
     assert runs[0] == runs[1]
 
 
-def test_default_layout_is_out_in_on_cpu_only():
-    engine = make_engine(_model("float32", tie=False))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_layout_is_out_in_where_the_native_kernel_runs(dtype):
+    engine = make_engine(_model(dtype, tie=False))
     try:
         linear = engine._runner.model.stack.layers[0].mlp.up_proj
-        assert linear.kernel_out_in == (jax.default_backend() == "cpu")
+        native_here = jax.default_backend() == "cpu" and decode_matmul_native.available()
+        assert linear.kernel_out_in == (dtype == "bfloat16" and native_here)
     finally:
         engine.close()
 
