@@ -10,8 +10,9 @@ rows.
 
 Rows per case, in one process on the same weights: XLA's bf16 dot (the baseline),
 ``implementation=None`` (the native AVX512-BF16 kernel on CPU up to
-``MAX_NATIVE_ROWS`` rows, XLA's dot beyond), the native kernel forced (to show where
-the threshold sits), XLA's dot on the same weights stored in f32 (2x the bytes), and
+``max_native_rows`` rows: 16 for ``[K, N]``, 64 for ``[N, K]``; XLA's dot beyond),
+the native kernel forced (to show where the threshold sits), XLA's dot on the same
+weights stored in f32 (2x the bytes), and
 PyTorch's bf16 ``F.linear`` (oneDNN, what transformers runs). The note gives the
 weight bytes read per second.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.decode_matmul import MAX_NATIVE_ROWS, flops, native
+from kernels.decode_matmul import flops, max_native_rows, native
 
 # name -> (K, N, w_transposed, number of chained weights). "kn": w [K, N] (the model's
 # layout); "nk": w [N, K] (the serving engine's copy, and the tied vocab head).
@@ -117,7 +118,7 @@ def bench_xla(measure, benchmark, shape, m):
 def bench_auto(measure, benchmark, shape, m):
     x, weights, _ = problem(shape, m)
     transposed = SHAPES[shape][2]
-    if jax.default_backend() == "cpu" and native.available() and m <= MAX_NATIVE_ROWS:
+    if jax.default_backend() == "cpu" and native.available() and m <= max_native_rows(transposed):
         note = "cpu default (native)"
     else:
         note = f"{jax.default_backend()} default (xla)"

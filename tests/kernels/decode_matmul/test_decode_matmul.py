@@ -108,13 +108,15 @@ def _hlo(x, w, **kw):
 
 
 @needs_native
-def test_default_routes_few_bf16_rows_to_the_native_kernel():
-    from kernels.decode_matmul import MAX_NATIVE_ROWS
+@pytest.mark.parametrize("transposed", [False, True], ids=["kn", "nk"])
+def test_default_routes_few_bf16_rows_to_the_native_kernel(transposed):
+    from kernels.decode_matmul import max_native_rows
 
-    x, w = _operands(MAX_NATIVE_ROWS, 64, 32, False)
-    assert native.TARGET in _hlo(x, w)
-    x, w = _operands(MAX_NATIVE_ROWS + 1, 64, 32, False)
-    assert native.TARGET not in _hlo(x, w)  # many rows: XLA's GEMM
+    most = max_native_rows(transposed)
+    x, w = _operands(most, 64, 32, transposed)
+    assert native.TARGET in _hlo(x, w, w_transposed=transposed)
+    x, w = _operands(most + 1, 64, 32, transposed)
+    assert native.TARGET not in _hlo(x, w, w_transposed=transposed)  # XLA's GEMM
     x, w = _operands(2, 64, 32, False, jnp.float32)
     assert native.TARGET not in _hlo(x, w)  # f32 weights: XLA's dot
     x, w = _operands(2, 64, 32, False)
