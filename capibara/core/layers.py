@@ -57,8 +57,10 @@ class Linear(nnx.Module):
 
     After ``capibara.sparsify`` the ``kernel`` parameter holds only the stored blocks
     ``[nnz, bk, bn]`` and ``sparse_layout`` (static, hashable) says where they sit; the
-    product runs through ``kernels.block_sparse_matmul``. Dense kernels use one XLA
-    dot. Both accumulate in f32 and return ``compute_dtype``.
+    product runs through ``kernels.block_sparse_matmul``. Dense kernels go through
+    ``kernels.decode_matmul`` (XLA's dot; on CPU its native kernel for a few bf16 rows),
+    stored ``[out, in]`` in an engine's serving copy (``use_out_in_layout``). Both
+    accumulate in f32 and return ``compute_dtype``.
     """
 
     def __init__(
