@@ -32,13 +32,15 @@ class CapibaraEmbedding(nnx.Module):
         shape = (config.vocab_size, config.hidden_size)
         self.embedding = nnx.Param(init(rngs.params(), shape, dtype_of(config.param_dtype)))
         self.compute_dtype = dtype_of(config.compute_dtype)
+        self.implementation = config.implementation
 
     def __call__(self, tokens):  # int [B, S] -> [B, S, d]
         return jnp.take(self.embedding.get_value(), tokens, axis=0).astype(self.compute_dtype)
 
     def attend(self, x):  # [B, S, d] -> f32 [B, S, vocab]
         table = self.embedding.get_value().astype(self.compute_dtype)
-        return matmul_f32(x, table, w_transposed=True)  # "bsd,vd->bsv"
+        # "bsd,vd->bsv"
+        return matmul_f32(x, table, w_transposed=True, implementation=self.implementation)
 
 
 class DecoderBlock(nnx.Module):
@@ -156,6 +158,7 @@ class OutputHead(nnx.Module):
             shape = (config.hidden_size, config.vocab_size)
             self.lm_head = nnx.Param(init(rngs.params(), shape, param_dtype))
         self.compute_dtype = dtype_of(config.compute_dtype)
+        self.implementation = config.implementation
         self.lm_head_out_in = False  # the serving layout, see use_out_in_layout
 
     def use_out_in_layout(self) -> None:
@@ -169,7 +172,9 @@ class OutputHead(nnx.Module):
         if self.lm_head is None:
             return embedding.attend(x)
         head = self.lm_head.get_value().astype(self.compute_dtype)
-        return matmul_f32(x, head, w_transposed=self.lm_head_out_in)  # "bsd,dv->bsv"
+        return matmul_f32(  # "bsd,dv->bsv"
+            x, head, w_transposed=self.lm_head_out_in, implementation=self.implementation
+        )
 
 
 class CapibaraModel(nnx.Module):
