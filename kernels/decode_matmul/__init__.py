@@ -15,13 +15,13 @@ Implementations (``implementation=``):
   * ``"native"``: a C++ kernel for XLA:CPU (``decode_matmul.cc``, XLA FFI custom
     call) using AVX512-BF16 ``vdpbf16ps``, split across XLA's intra-op threads. bf16
     only. Compiled on first use with the local C++ compiler and ``-march=native``
-    (``native.py``); unavailable without a compiler or on a CPU without AVX512-BF16,
-    where ``native.reason()`` says why.
+    (``kernels.native_build``); unavailable without a compiler or on a CPU without
+    AVX512-BF16, where ``native.reason()`` says why.
   ``None`` picks ``"native"`` on CPU when it is available, both operands are bf16 and
   there are at most ``max_native_rows(w_transposed)`` rows (16 for ``[K, N]``, 64 for
   ``[N, K]``; more rows: XLA's GEMM, which reuses each weight, is faster); ``"xla"``
-  otherwise. Not a Pallas kernel: Pallas does not target
-  CPUs, and on TPU/GPU XLA's dot already streams bf16 weights at full speed.
+  otherwise. Not a Pallas kernel (Pallas does not target CPUs); on TPU/GPU this op is
+  XLA's dot (not measured there: no accelerator has been available).
 
 Differentiable: the native path's backward pass uses XLA dots.
 """
