@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <memory>
+#include <numeric>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -49,12 +49,8 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 // apart share L1 sets (64 sets of 64 B: addresses 4 KiB apart collide); at most ~6
 // lines per set leaves room in the 12 ways for the partial sums and x. 32 otherwise.
 inline int64_t group_rows(int64_t N) {
-  int64_t stride = (N * 2) % 4096, distinct = 1;
-  if (stride != 0) {
-    int64_t a = 4096, b = stride;
-    while (b) std::swap(a %= b, b);
-    distinct = 4096 / a;
-  }
+  // Distinct 4 KiB offsets among the rows: 1 when N * 2 is a multiple of 4096.
+  const int64_t distinct = 4096 / std::gcd<int64_t>(4096, (N * 2) % 4096);
   return std::min<int64_t>(32, std::max<int64_t>(2, 6 * distinct / 2 * 2));
 }
 
