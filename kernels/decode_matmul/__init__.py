@@ -167,22 +167,24 @@ def _native_bwd(w_transposed, residuals, g):
 _native.defvjp(_native_fwd, _native_bwd)
 
 
-def _native_or_xla(x, w, w_transposed):
-    """The native kernel where this lowers for CPU, XLA's dot elsewhere (export)."""
-    return jax.lax.platform_dependent(
-        x,
-        w,
-        cpu=lambda x, w: _native(x, w, w_transposed),
-        default=lambda x, w: _xla(x, w, w_transposed),
-    )
+def _native_else(default):
+    """``(x, w, w_transposed)`` -> the native kernel where this lowers for CPU, else
+    ``default(x, w)`` (a switch resolved at lowering, so ``jax.export`` for another
+    platform gets ``default``)."""
+
+    def run(x, w, w_transposed):
+        return jax.lax.platform_dependent(
+            x, w, cpu=lambda x, w: _native(x, w, w_transposed), default=default(w_transposed)
+        )
+
+    return run
 
 
-def _native_on_cpu(x, w, w_transposed):
-    """An explicit "native": lowering it for anything but CPU raises."""
-    message = "decode_matmul: implementation='native' runs on CPU only"
-    return jax.lax.platform_dependent(
-        x,
-        w,
-        cpu=lambda x, w: _native(x, w, w_transposed),
-        default=_platform._fail_at_lowering(lambda x, w: _xla(x, w, w_transposed), message),
+# implementation=None: XLA's dot off CPU.
+_native_or_xla = _native_else(lambda t: lambda x, w: _xla(x, w, t))
+# An explicit "native": lowering it for anything but CPU raises.
+_native_on_cpu = _native_else(
+    lambda t: _platform._fail_at_lowering(
+        lambda x, w: _xla(x, w, t), "decode_matmul: implementation='native' runs on CPU only"
     )
+)
