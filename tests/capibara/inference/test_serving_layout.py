@@ -70,7 +70,7 @@ def test_default_layout_is_out_in_where_the_native_kernel_runs(dtype):
         engine.close()
 
 
-def test_serving_copy_cannot_be_saved(tmp_path):
+def test_serving_copy_cannot_be_saved():
     copy = out_in_copy(_model("float32", tie=True))
     with pytest.raises(ValueError, match="serving copy"):
         checkpoint.state_tensors(copy)
