@@ -21,7 +21,9 @@ f32 batch-8 ``generate`` at 97 s (3.3 s alone).
 On XLA:CPU the bf16 rows depend on ``kernels.decode_matmul``'s native kernel (the
 decode steps' linears and vocab head; it needs a C++ compiler and an AVX512-BF16
 CPU, else XLA's bf16 dot runs: about f32 speed) and on the engine's ``[out, in]``
-weight copy (``EngineConfig.out_in_weights``, default on CPU). No XLA flag is set.
+weight copy (``EngineConfig.out_in_weights``, default on CPU). Every row's attention
+runs ``kernels.paged_attention``'s native kernel where a C++ compiler is on PATH
+(else the xla path). No XLA flag is set.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from capibara.core.config import preset
 from capibara.core.inference import CapibaraInference, EngineConfig, SamplingParams
 from capibara.core.model import CapibaraModel
 from kernels.decode_matmul import native
+from kernels.paged_attention import native as paged_native
 
 PROMPT, NEW = 32, 64
 BATCHES = [1, 8, 32]
@@ -148,9 +151,14 @@ def bench_transformers(measure, benchmark, batch, dtype):
 
 def _kernels_note(dtype: str) -> str:
     backend = jax.default_backend()
-    if backend == "cpu" and dtype == "bfloat16" and native.available():
-        return "cpu: native decode matmul, xla kernels"
-    return f"{backend}: xla kernels"
+    if backend != "cpu":
+        return f"{backend}: xla kernels"
+    natives = []
+    if dtype == "bfloat16" and native.available():
+        natives.append("decode matmul")
+    if paged_native.available():
+        natives.append("paged attention")
+    return "cpu: " + (f"native {' + '.join(natives)}, " if natives else "") + "xla kernels"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

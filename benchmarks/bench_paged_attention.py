@@ -3,8 +3,9 @@ D=128 -- one decode step of a 16-request batch.
 
 Rows per dtype, all in one process: gather-then-dense (baseline: copy every page into
 a dense ``[B, T, Hkv, D]`` cache, then ``jax.nn.dot_product_attention`` with
-``key_value_seq_lengths``), ``implementation=None`` (what a user gets: the one-pass
-xla path on CPU), and on TPU the Pallas kernel. The note gives decode tokens/s (B
+``key_value_seq_lengths``), ``implementation=None`` (what a user gets: on CPU the
+native kernel where it is built, else the one-pass xla path), the xla path and the
+native CPU kernel by name, and on TPU the Pallas kernel. The note gives decode tokens/s (B
 tokens per call). GFLOP/s count 4·B·Hq·T·D; the op is memory-bound, so the cache
 bytes read per second (``bytes_accessed``) is the number that matters.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.paged_attention import bytes_accessed, flops
+from kernels.paged_attention import bytes_accessed, flops, native
 
 B, CONTEXT, PAGE, HQ, HKV, D = 16, 4096, 16, 32, 8, 128
 PAGES_PER_SEQ = CONTEXT // PAGE
@@ -96,8 +97,25 @@ def bench_gather_then_dense(measure, benchmark, dtype_name):
 @pytest.mark.parametrize("dtype_name", DTYPES)
 def bench_auto(measure, benchmark, dtype_name):
     backend = jax.default_backend()
-    note = f"{backend} default (xla)" if backend != "tpu" else "tpu default (pallas)"
+    default = {"tpu": "pallas", "cpu": "native" if native.available() else "xla"}
+    note = f"{backend} default ({default.get(backend, 'xla')})"
     _row(measure, benchmark, jax.jit(kernels.paged_attention), dtype_name, "auto", note=note)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def bench_xla(measure, benchmark, dtype_name):
+    f = jax.jit(functools.partial(kernels.paged_attention, implementation="xla"))
+    _row(measure, benchmark, f, dtype_name, "xla")
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not native.available(),
+    reason="the native kernel is built for CPU, with a C++ compiler",
+)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def bench_native(measure, benchmark, dtype_name):
+    f = jax.jit(functools.partial(kernels.paged_attention, implementation="native"))
+    _row(measure, benchmark, f, dtype_name, "native")
 
 
 @pytest.mark.skipif(

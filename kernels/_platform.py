@@ -12,6 +12,10 @@ Every public op takes ``implementation: None | "pallas" | "xla" | "reference"`` 
 * ``"xla"`` and ``"reference"`` are plain JAX and run everywhere.
 * ``interpret=True`` runs the Pallas kernel through the Pallas TPU interpreter on
   any backend (TPU semantics such as scalar prefetch and VMEM scratch simulated).
+* ``"native"``, for the ops that have one: a C++ kernel for XLA:CPU built on this
+  machine. When the op hands one to ``dispatch`` (it is built and takes these
+  inputs), ``None`` runs it on CPU instead of ``BEST_IMPLEMENTATION["cpu"]``, and an
+  explicit ``"native"`` lowered for any other platform raises.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ BEST_IMPLEMENTATION: dict[str, str] = {
     "default": "xla",
 }
 
+# The platform a "native" kernel (C++ through XLA's FFI) is built for.
+NATIVE_PLATFORM = "cpu"
+
 # platform -> implementations that can be lowered there without interpret mode.
 RUNNABLE: dict[str, tuple[str, ...]] = {
     "tpu": ("pallas", "xla", "reference"),
@@ -58,12 +65,14 @@ def interpret_params(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def validate_implementation(implementation: str | None) -> None:
-    """Raises ``ValueError`` for anything but ``None`` or a known implementation name."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
+def validate_implementation(implementation: str | None, *, native: bool = False) -> None:
+    """Raises ``ValueError`` for anything but ``None`` or a known implementation name
+    (``"native"`` too when the op has a native kernel)."""
+    names = (*IMPLEMENTATIONS, "native") if native else IMPLEMENTATIONS
+    if implementation is not None and implementation not in names:
         raise ValueError(
             f"implementation={implementation!r} is not one of None, "
-            + ", ".join(repr(i) for i in IMPLEMENTATIONS)
+            + ", ".join(repr(i) for i in names)
         )
 
 
@@ -81,13 +90,15 @@ def dispatch(
         ``"reference"``.
       interpret: run the Pallas kernel in the interpreter (any platform).
       impls: implementation name -> function with the op's positional signature. The
-        ``"pallas"`` entry must already carry ``interpret`` if the caller wants it.
+        ``"pallas"`` entry must already carry ``interpret`` if the caller wants it;
+        a ``"native"`` entry only where that kernel is built and takes the inputs
+        (the op raises for an explicit ``"native"`` otherwise).
 
     Returns:
       A function of the same positional arguments. For ``None`` and compiled
       ``"pallas"`` it is a ``jax.lax.platform_dependent`` switch resolved at lowering.
     """
-    validate_implementation(implementation)
+    validate_implementation(implementation, native="native" in impls)
     if interpret and implementation not in (None, "pallas"):
         raise ValueError(
             f"{op_name}: interpret=True runs the Pallas kernel, but "
@@ -95,6 +106,18 @@ def dispatch(
         )
     if implementation in ("xla", "reference"):
         return impls[implementation]
+    if implementation == "native":
+        native = impls["native"]
+        message = f"{op_name}: implementation='native' is a kernel for {NATIVE_PLATFORM} only"
+
+        def native_or_error(*args):
+            return jax.lax.platform_dependent(
+                *args,
+                **{NATIVE_PLATFORM: native},
+                default=_fail_at_lowering(native, message),
+            )
+
+        return native_or_error
     if interpret:
         return impls["pallas"]
     if implementation == "pallas":
@@ -114,6 +137,8 @@ def dispatch(
             for platform, name in BEST_IMPLEMENTATION.items()
             if platform != "default"
         }
+        if "native" in impls:
+            branches[NATIVE_PLATFORM] = impls["native"]
         return jax.lax.platform_dependent(
             *args, **branches, default=impls[BEST_IMPLEMENTATION["default"]]
         )

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -39,6 +40,25 @@ def load(source: Path) -> ctypes.CDLL:
     """The shared library of ``source``, built (or found in the cache) and loaded once."""
     with _lock:
         return ctypes.cdll.LoadLibrary(str(build(source)))
+
+
+def register(
+    source: Path,
+    target: str,
+    symbol: str,
+    check: Callable[[ctypes.CDLL], str | None] | None = None,
+) -> str | None:
+    """Builds ``source`` and registers its FFI handler ``symbol`` as the XLA:CPU custom
+    call ``target``. Returns None when the kernel can run here, else why not (the
+    build failed, or ``check(library)`` — e.g. an instruction-set test — said so)."""
+    try:
+        library = load(source)
+    except Unavailable as e:
+        return str(e)
+    if check is not None and (why := check(library)) is not None:
+        return why
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return None
 
 
 def build(source: Path) -> Path:

@@ -284,13 +284,16 @@ class Attention(nnx.Module):
             interpret=self.interpret,
         )
         bd, bp = batch.num_decode, batch.num_prefill
+        # 16-bit pools go to the kernels as the uint16 bits they are stored as (that
+        # bitcast cancels with write_kv's; a bf16 view would cost a pool copy there).
+        k_bits, v_bits = to_bits(k_pages), to_bits(v_pages)
         outs = []
         if bd:
             outs.append(
                 kernels.paged_attention(
                     q[:bd],
-                    k_pages,
-                    v_pages,
+                    k_bits,
+                    v_bits,
                     batch.decode_lengths,
                     batch.decode_page_table,
                     **options,
@@ -300,8 +303,8 @@ class Attention(nnx.Module):
             s = (n - bd) // bp
             out = kernels.paged_prefill_attention(
                 q[bd:].reshape(bp, s, self.num_heads, self.head_dim),
-                k_pages,
-                v_pages,
+                k_bits,
+                v_bits,
                 batch.prefill_lengths,
                 batch.prefill_page_table,
                 **options,

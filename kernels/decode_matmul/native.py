@@ -32,15 +32,12 @@ def reason() -> str | None:
 
 @functools.cache
 def _load() -> str | None:
-    try:
-        library = native_build.load(SOURCE)
-    except native_build.Unavailable as e:
-        return str(e)
+    return native_build.register(SOURCE, TARGET, "CapibaraDecodeMatmul", _targets_dpbf16)
+
+
+def _targets_dpbf16(library) -> str | None:
     if not library.CapibaraDecodeMatmulUsesDpbf16():
         return "the compiler does not target AVX512-BF16 on this CPU (-march=native)"
-    jax.ffi.register_ffi_target(
-        TARGET, jax.ffi.pycapsule(library.CapibaraDecodeMatmul), platform="cpu"
-    )
     return None
 
 

@@ -25,7 +25,13 @@ Implementations (``implementation=``):
     masked attention in f32 at ``Precision.HIGHEST``; the oracle.
   * ``"xla"``: one pass over the page table a few pages at a time with an online
     softmax (no dense copy of the cache); loops only over blocks some sequence needs.
-    The CPU/GPU default.
+    The GPU default, and CPU's where the native kernel is not built.
+  * ``"native"``: a C++ kernel for XLA:CPU (``paged_attention.cc``, XLA FFI custom
+    call): one call per layer, each task one (sequence, kv head, query tile) reading
+    only the keys its queries see, online softmax in f32. f32 and bf16; compiled on
+    first use with the local C++ compiler (``kernels.native_build``; without one
+    ``native.reason()`` says why and CPU runs ``"xla"``). The CPU default. Not a
+    Pallas kernel (Pallas does not target CPUs).
   * ``"pallas"``: Mosaic TPU kernel, page table and lengths by scalar prefetch, pages
     outside a sequence's range never fetched. The TPU default; ``interpret=True`` runs
     it in the Pallas TPU interpreter anywhere. Checked on CPU in interpret mode and by
@@ -45,7 +51,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _platform
-from kernels.paged_attention import pallas_tpu, reference, xla
+from kernels.bit_views import from_bits
+from kernels.paged_attention import native, pallas_tpu, reference, xla
 from kernels.paged_attention.common import bytes_accessed, flops
 
 __all__ = [
@@ -149,7 +156,10 @@ def paged_prefill_attention(
 
     Args:
       q: ``[B, S, Hq, D]``; query ``j`` sits at position ``lengths[b] - S + j``.
-      k_pages, v_pages: ``[Hkv, P, page_size, D]`` page pools, same dtype as ``q``.
+      k_pages, v_pages: ``[Hkv, P, page_size, D]`` page pools, same dtype as ``q``;
+        16-bit pools may be passed as their ``uint16`` bits (``kernels.bit_views.to_bits``,
+        how a serving engine keeps them on CPU): XLA:CPU copies a whole pool to
+        hand a bf16 view of stored bits, or bits of a bf16 pool, to the native kernel.
       lengths: ``int[B]`` cached tokens per sequence, the ``S`` queried ones included;
         ``0 <= lengths[b] <= pages_per_seq * page_size`` (values, so not checked).
       page_table: ``int[B, pages_per_seq]`` pool page of each page of each sequence;
@@ -158,7 +168,7 @@ def paged_prefill_attention(
       logits_soft_cap: ``c``: logits become ``c·tanh(logits/c)`` (after scaling).
       sliding_window: ``w``: a query at position ``p`` sees keys ``p-w+1 .. p``.
       implementation: ``None`` (best for the platform, chosen at lowering),
-        ``"pallas"``, ``"xla"`` or ``"reference"``.
+        ``"pallas"``, ``"native"`` (CPU), ``"xla"`` or ``"reference"``.
       interpret: run the Pallas kernel in the Pallas TPU interpreter.
       block_sizes: ``BlockSizes``; ``None`` = default.
 
@@ -170,6 +180,10 @@ def paged_prefill_attention(
     lengths, page_table = jnp.asarray(lengths), jnp.asarray(page_table)
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S, Hq, D], got q.shape={q.shape}")
+    # The pools as given (bf16 may come as uint16 bits) go to the native kernel; the
+    # float view to everything else (a bitcast that cancels inside the program).
+    pools = (k_pages, v_pages)
+    k_pages, v_pages = (_float_view(p, q.dtype) for p in pools)
     _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window)
     block_sizes = block_sizes or BlockSizes.get_default()
     if not isinstance(block_sizes, BlockSizes):
@@ -179,24 +193,41 @@ def paged_prefill_attention(
         "logits_soft_cap": None if logits_soft_cap is None else float(logits_soft_cap),
         "sliding_window": sliding_window,
     }
-    run = _platform.dispatch(
-        "paged_attention",
-        implementation,
-        interpret,
-        {
-            "pallas": functools.partial(
-                pallas_tpu.paged_attention,
-                pages_per_block=block_sizes.pages_per_block,
-                interpret=interpret,
-                **options,
-            ),
-            "xla": functools.partial(
-                xla.paged_attention, pages_per_block=block_sizes.xla_pages_per_block, **options
-            ),
-            "reference": functools.partial(reference.paged_attention, **options),
-        },
-    )
+    impls = {
+        "pallas": functools.partial(
+            pallas_tpu.paged_attention,
+            pages_per_block=block_sizes.pages_per_block,
+            interpret=interpret,
+            **options,
+        ),
+        "xla": functools.partial(
+            xla.paged_attention, pages_per_block=block_sizes.xla_pages_per_block, **options
+        ),
+        "reference": functools.partial(reference.paged_attention, **options),
+    }
+    if implementation == "native" or (implementation is None and not interpret):
+        why_not = _native_unusable(q.dtype)
+        if why_not is None:
+            native_run = functools.partial(native.paged_attention, **options)
+            impls["native"] = lambda q, _k, _v, *rest: native_run(q, *pools, *rest)
+        elif implementation == "native":
+            raise ValueError(f"paged_attention: implementation='native' unavailable: {why_not}")
+    run = _platform.dispatch("paged_attention", implementation, interpret, impls)
     return run(q, k_pages, v_pages, lengths.astype(jnp.int32), page_table.astype(jnp.int32))
+
+
+def _float_view(pool, dtype):
+    """``pool`` as ``dtype``: a 16-bit pool passed as its ``uint16`` bits is viewed back."""
+    if pool.dtype == jnp.uint16 and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+        return from_bits(pool, dtype)
+    return pool
+
+
+def _native_unusable(dtype) -> str | None:
+    """Why the native kernel cannot serve inputs of ``dtype`` here (None: it can)."""
+    if dtype not in native.DTYPES:
+        return f"it takes f32 or bf16, got {dtype}"
+    return native.reason()
 
 
 def paged_attention(

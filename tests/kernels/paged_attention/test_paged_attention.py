@@ -5,11 +5,14 @@ come from ``paged_inputs.make_cache``: unwritten pool slots are NaN and unused t
 entries garbage, so reading either shows up as NaN or an out-of-bounds index. The
 Pallas kernel runs in the TPU interpreter (slow): each shape once per dtype, each
 flag combination on two shapes, with small blocks so that sequences span several.
+The native CPU kernel runs wherever a C++ compiler is on PATH (there a failed build
+fails its tests rather than skipping them).
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +20,11 @@ import numpy as np
 import pytest
 from paged_inputs import contiguous_cache, make_cache
 
-from kernels import paged_attention, paged_prefill_attention
-from kernels.paged_attention import BlockSizes, pallas_tpu
+from kernels import native_build, paged_attention, paged_prefill_attention
+from kernels.paged_attention import BlockSizes, native, pallas_tpu
 from kernels.testing import assert_close
+
+NATIVE_EXPECTED = jax.default_backend() == "cpu" and any(map(shutil.which, native_build.COMPILERS))
 
 # Two pages per Pallas step, three per XLA step: several blocks per sequence.
 BLOCKS = BlockSizes(pages_per_block=2, xla_pages_per_block=3)
@@ -28,6 +33,8 @@ IMPLS = {
     "xla": dict(implementation="xla"),
     "pallas-interpret": dict(implementation="pallas", interpret=True),
 }
+if NATIVE_EXPECTED:
+    IMPLS["native"] = dict(implementation="native")
 
 # name -> (S, Hq, Hkv, D, page_size, pages_per_seq, lengths). S = 1 runs the decode
 # entry point; lengths include 0, 1, page multiples, full tables and S > length.
@@ -38,6 +45,14 @@ SHAPES = {
     "chunk=3-h=4/2-d=64-p=8": (3, 4, 2, 64, 8, 5, [2, 21, 40]),
     "chunk=5-h=8/8-d=64-p=8": (5, 8, 8, 64, 8, 3, [17, 24]),
 }
+# The native kernel's tiling: 16 queries and 64 keys per step, D in vectors of 16 (a
+# scalar path for other D). Not run in the slow interpreter: its blocks are above.
+TILING_SHAPES = {
+    "decode-h=6/2-d=24-p=8-keys=95": (1, 6, 2, 24, 8, 12, [0, 95, 33, 7]),
+    "chunk=20-h=4/1-d=32-p=16-keys=127": (20, 4, 1, 32, 16, 8, [20, 100, 127, 5]),
+    "chunk=17-h=2/2-d=128-p=16-keys=70": (17, 2, 2, 128, 16, 5, [70, 17]),
+}
+SHAPES_ALL = {**SHAPES, **TILING_SHAPES}
 
 # name -> (sliding_window, logits_soft_cap)
 FLAGS = {
@@ -50,7 +65,7 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def problem(shape_name, dtype, seed=0, **kw):
-    s, hq, hkv, d, page_size, pages_per_seq, lengths = SHAPES[shape_name]
+    s, hq, hkv, d, page_size, pages_per_seq, lengths = SHAPES_ALL[shape_name]
     return make_cache(
         np.random.default_rng(seed),
         lengths=lengths,
@@ -140,13 +155,31 @@ def test_matches_reference(impl, shape_name, dtype):
     check(shape_name, dtype, IMPLS[impl])
 
 
+@pytest.mark.parametrize(
+    "flags", [(None, None), (9, None), (None, 3.0)], ids=["plain", "window=9", "softcap=3"]
+)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+@pytest.mark.parametrize("shape_name", TILING_SHAPES)
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "pallas-interpret"])
+def test_many_tiles_match_reference(impl, shape_name, dtype, flags):
+    sliding_window, logits_soft_cap = flags
+    check(
+        shape_name,
+        dtype,
+        IMPLS[impl],
+        sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap,
+    )
+
+
 def _flag_cases():
     # The interpreter is slow: bf16 Pallas runs only the combined flags.
     for impl in IMPLS:
         for shape_name in ["decode-h=2/2-d=64-p=8", "chunk=3-h=4/2-d=64-p=8"]:
             for flags in FLAGS:
                 for dtype_name, dtype in DTYPES.items():
-                    if impl == "xla" or dtype_name == "f32" or flags == "window=11-softcap=5":
+                    fast = impl in ("xla", "native")
+                    if fast or dtype_name == "f32" or flags == "window=11-softcap=5":
                         case_id = f"{impl}-{shape_name}-{flags}-{dtype_name}"
                         yield pytest.param(impl, shape_name, flags, dtype, id=case_id)
 
@@ -165,6 +198,42 @@ def test_flags_match_reference(impl, shape_name, flags, dtype):
 
 def test_auto_implementation_matches_reference():
     check("chunk=3-h=4/2-d=64-p=8", jnp.float32, {}, sliding_window=6)
+
+
+# -- the native kernel: where it builds, what runs it ------------------------------------
+
+
+def test_native_builds_where_expected():
+    assert native.available() == NATIVE_EXPECTED, native.reason()
+
+
+def _hlo(dtype, **kw):
+    q, *cache = problem("decode-h=4/2-d=80-p=16", dtype)
+    fn = jax.jit(functools.partial(paged_attention, **kw))
+    return fn.lower(q[:, 0], *cache).as_text()
+
+
+@pytest.mark.skipif(not NATIVE_EXPECTED, reason="no C++ compiler: the xla path runs on CPU")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_default_runs_the_native_kernel_on_cpu(dtype):
+    assert native.TARGET in _hlo(dtype)
+    assert native.TARGET not in _hlo(dtype, implementation="xla")
+
+
+def test_default_runs_xla_for_dtypes_the_native_kernel_lacks():
+    assert native.TARGET not in _hlo(jnp.float16)
+    check("decode-h=4/2-d=80-p=16", jnp.float16, {})
+
+
+@pytest.mark.skipif(not NATIVE_EXPECTED, reason="no C++ compiler: the xla path runs on CPU")
+def test_native_under_vmap_matches_per_item_calls():
+    q, k_pages, v_pages, lengths, table = problem("chunk=3-h=4/2-d=64-p=8", jnp.float32)
+    run = functools.partial(paged_prefill_attention, implementation="native")
+    stacked = jax.vmap(run, in_axes=(0, None, None, 0, None))(
+        jnp.stack([q, q[::-1]]), k_pages, v_pages, jnp.stack([lengths, lengths - 1]), table
+    )
+    assert_close(stacked[0], run(q, k_pages, v_pages, lengths, table), jnp.float32)
+    assert_close(stacked[1], run(q[::-1], k_pages, v_pages, lengths - 1, table), jnp.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -244,3 +313,14 @@ def test_pallas_fetches_only_live_pages_once(pages_per_block, window):
         # Each live page is fetched once; only sequences shorter than a block
         # fetch (their last page) into the spare slots as well.
         assert fetches.sum() == max(len(live), pages_per_block), (n, held)
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "pallas-interpret"])
+def test_bf16_pools_as_uint16_bits_give_the_same_output(impl):
+    q, k_pages, v_pages, lengths, table = problem("chunk=3-h=4/2-d=64-p=8", jnp.bfloat16)
+    run = jax.jit(functools.partial(paged_prefill_attention, **IMPLS[impl]))
+    bits = [jax.lax.bitcast_convert_type(p, jnp.uint16) for p in (k_pages, v_pages)]
+    np.testing.assert_array_equal(
+        np.asarray(run(q, *bits, lengths, table), np.float32),
+        np.asarray(run(q, k_pages, v_pages, lengths, table), np.float32),
+    )

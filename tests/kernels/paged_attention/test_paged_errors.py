@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import paged_attention, paged_prefill_attention
-from kernels.paged_attention import BlockSizes
+from kernels.paged_attention import BlockSizes, native
 
 B, HQ, HKV, D, P, PAGE, PPS = 2, 4, 2, 64, 6, 8, 3
 
@@ -60,6 +60,18 @@ BAD = {
         "interpret",
     ),
     "block-sizes-type": ({}, dict(block_sizes={"pages_per_block": 2}), TypeError, "BlockSizes"),
+    "interpret-with-native": (
+        {},
+        dict(implementation="native", interpret=True),
+        ValueError,
+        "interpret",
+    ),
+    "native-f16": (
+        {n: jnp.zeros(a.shape, jnp.float16) for n, a in inputs().items() if n[0] in "qkv"},
+        dict(implementation="native"),
+        ValueError,
+        "native.*f32 or bf16",
+    ),
 }
 
 
@@ -86,3 +98,16 @@ def test_block_sizes_validated(field, value):
 def test_pallas_without_interpret_fails_at_lowering_off_tpu():
     with pytest.raises(ValueError, match="interpret=True"):
         np.asarray(paged_attention(**inputs(), implementation="pallas"))
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler: no native kernel to export")
+def test_native_exported_for_tpu_fails_at_lowering():
+    fn = jax.jit(lambda *a: paged_attention(*a, implementation="native"))
+    with pytest.raises(ValueError, match=r"native.*cpu only"):
+        jax.export.export(fn, platforms=["tpu"])(*inputs().values())
+
+
+def test_native_unavailable_names_the_reason(monkeypatch):
+    monkeypatch.setattr(native, "reason", lambda: "no C++ compiler on PATH")
+    with pytest.raises(ValueError, match=r"native.*unavailable: no C\+\+ compiler"):
+        paged_attention(**inputs(), implementation="native")
