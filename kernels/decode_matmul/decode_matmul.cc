@@ -161,12 +161,15 @@ inline void nk_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t K, i
     for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int M>
+// R weight rows share each load of x. One row stream at a time (R = 1) while the
+// whole product has at most one register block of rows: measured on the 2-core Zen 5
+// VM, the small model's 85 decode products at 4 and 8 rows took 4.8-5.4 ms with one
+// stream where two took 5.8-6.3 (each extra stream costs more bandwidth than the x
+// loads it saves). With more rows the products are closer to compute-bound and two
+// rows sharing x loads win (32 rows: 10.6 ms against 13.1-13.6).
+template <int M, int R>
 void nk_block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N,
               int64_t lo, int64_t hi) {
-  // One row stream at a time while x is 1-2 rows (the prefetched stream then runs
-  // at ~48 GB/s on one core, 4 streams at ~35); two rows share each load of x beyond.
-  constexpr int R = M <= 2 ? 1 : 2;
   int64_t n = lo;
   for (; n + R <= hi; n += R) nk_rows<M, R>(x, w, y, K, N, n);
   for (; n < hi; ++n) nk_rows<M, 1>(x, w, y, K, N, n);
@@ -184,9 +187,11 @@ KnFn kn_fn(int m, std::integer_sequence<int, Ms...>) {
   return fn;
 }
 template <int... Ms>
-NkFn nk_fn(int m, std::integer_sequence<int, Ms...>) {
+NkFn nk_fn(int m, bool share_x, std::integer_sequence<int, Ms...>) {
   NkFn fn = nullptr;
-  ((fn = m == Ms + 1 ? nk_block<Ms + 1> : fn), ...);
+  ((fn = m == Ms + 1 ? (share_x && Ms + 1 > 2 ? nk_block<Ms + 1, 2> : nk_block<Ms + 1, 1>)
+                     : fn),
+   ...);
   return fn;
 }
 
@@ -271,7 +276,7 @@ struct Work {
       const int rows = int(std::min<int64_t>(kMaxRows, M - m0));
       const auto seq = std::make_integer_sequence<int, kMaxRows>{};
       if (transposed)
-        nk_fn(rows, seq)(x + m0 * K, w, y + m0 * N, K, N, lo, hi);
+        nk_fn(rows, M > kMaxRows, seq)(x + m0 * K, w, y + m0 * N, K, N, lo, hi);
       else
         kn_fn(rows, seq)(xpairs.data() + m0 * kp, w, out + m0 * N, K, N, lo, hi, group);
     }
