@@ -191,14 +191,12 @@ def state_tensors(model) -> dict[str, np.ndarray]:
     serving = [
         ".".join(map(str, path))
         for path, module in nnx.iter_graph(model)
-        if getattr(module, "kernel_out_in", False)
-        or getattr(module, "lm_head_out_in", False)
-        or getattr(module, "output_splits", None) is not None
+        if getattr(module, "kernel_out_in", False) or getattr(module, "lm_head_out_in", False)
     ]
     if serving:
         raise ValueError(
-            f"{serving[0]} holds a serving copy of its weights ([out, in] or fused, made "
-            "by an inference engine); save the model it was made from"
+            f"{serving[0]} holds an [out, in] serving copy of its weights (made by an "
+            "inference engine); save the model it was made from"
         )
     tensors: dict[str, np.ndarray] = {}
     dense_kernels = _dense_kernels(model)

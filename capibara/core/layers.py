@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +75,6 @@ class Linear(nnx.Module):
         self.interpret = config.interpret_kernels
         self.sparse_layout: BlockLayout | None = None
         self.kernel_out_in = False  # the serving layout, see use_out_in_layout
-        self.output_splits: tuple[int, ...] | None = None  # fused outputs, see fuse_outputs
 
     def use_out_in_layout(self) -> None:
         """Stores a dense kernel as ``[out, in]`` (a transposed copy; no-op if sparse).
@@ -89,30 +87,6 @@ class Linear(nnx.Module):
         if self.sparse_layout is None and not self.kernel_out_in:
             self.kernel = nnx.Param(self.kernel.get_value().T)
             self.kernel_out_in = True
-
-    def fuse_outputs(self, others: Sequence[Linear]) -> None:
-        """Appends the outputs of ``others`` (linears of the same input) to this one's.
-
-        For an engine's serving copy: a decode step then streams one weight for, e.g.,
-        q, k and v instead of three (one native call instead of three; the outputs
-        are the same dot products). ``split_outputs`` cuts the result apart again.
-        Dense linears in one layout, all with or all without a bias.
-        """
-        parts = (self, *others)
-        if any(p.sparse_layout is not None or p.output_splits is not None for p in parts):
-            raise ValueError("fuse_outputs: only dense linears that are not fused yet")
-        if len({p.kernel_out_in for p in parts}) > 1 or len({p.bias is None for p in parts}) > 1:
-            raise ValueError("fuse_outputs: the linears differ in layout or in having a bias")
-        axis = 0 if self.kernel_out_in else 1  # the output axis
-        kernels_ = [p.kernel.get_value() for p in parts]
-        self.output_splits = tuple(k.shape[axis] for k in kernels_)
-        self.kernel = nnx.Param(jnp.concatenate(kernels_, axis=axis))
-        if self.bias is not None:
-            self.bias = nnx.Param(jnp.concatenate([p.bias.get_value() for p in parts]))
-
-    def split_outputs(self, y) -> list[jax.Array]:
-        """``y [..., sum(output_splits)]`` -> one array per fused linear."""
-        return jnp.split(y, np.cumsum(self.output_splits)[:-1].tolist(), axis=-1)
 
     def make_sparse(self, w: BlockSparseMatrix) -> None:
         """Replaces the kernel by the stored blocks of ``w`` (same ``[in, out]`` shape)."""
@@ -180,17 +154,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.nd
     raise ValueError(f"rope_scaling: unsupported rope_type {kind!r} (supported: linear, llama3)")
 
 
-def rope_angles(positions, inv_freq):
-    """``(cos, sin)``, each f32 ``[B, S, D/2]``, of ``positions [B, S]``: computed once
-    for the q and the k of a layer."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x, rope):
-    """Rotates ``x [B, S, H, D]`` by ``rope = rope_angles(positions, inv_freq)``
-    (half-split layout, as in HF)."""
-    cos, sin = (a[:, :, None, :] for a in rope)
+def apply_rope(x, positions, inv_freq):
+    """Rotates ``x [B, S, H, D]`` by ``positions [B, S]`` (half-split layout, as in HF)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -266,42 +234,22 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, config.num_kv_heads * hd, config=config, rngs=rngs, bias=bias)
         self.v_proj = Linear(d, config.num_kv_heads * hd, config=config, rngs=rngs, bias=bias)
         self.o_proj = Linear(config.num_heads * hd, d, config=config, rngs=rngs)
-        # A serving copy's fused q/k/v (nnx.data: a module may replace the None later).
-        self.qkv_proj: Linear | None = nnx.data(None)
         self.inv_freq = rope_frequencies(hd, config.rope_theta, config.rope_scaling)
         self.sliding_window = config.sliding_window
         self.implementation = config.implementation
         self.interpret = config.interpret_kernels
 
-    def project_qkv(self, x, rope):
-        """``x [B, S, d]`` -> roped ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``; ``rope``
-        from ``rope_angles``."""
+    def project_qkv(self, x, positions):
+        """``x [B, S, d]`` -> roped ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``."""
         b, s, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj.split_outputs(self.qkv_proj(x))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(b, s, self.num_heads, self.head_dim)
-        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = v.reshape(b, s, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, rope), apply_rope(k, rope), v
-
-    def fuse_projections(self) -> None:
-        """q, k and v through one linear (``Linear.fuse_outputs``), for serving copies;
-        a no-op when fused already or when any of them is block-sparse."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        if self.qkv_proj is not None or any(p.sparse_layout is not None for p in parts):
-            return
-        self.q_proj.fuse_outputs(parts[1:])
-        self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = self.q_proj, None, None, None
-
-    def rope(self, positions):
-        """``rope_angles`` of ``positions [B, S]`` for this layer's frequencies."""
-        return rope_angles(positions, self.inv_freq)
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
 
     def __call__(self, x, positions, segment_ids=None):  # [B, S, d] -> [B, S, d]
         b, s, _ = x.shape
-        q, k, v = self.project_qkv(x, self.rope(positions))
+        q, k, v = self.project_qkv(x, positions)
         out = kernels.flash_attention(
             q,
             k,
@@ -323,7 +271,7 @@ class Attention(nnx.Module):
         ``kernels.paged_prefill_attention`` (causal within the chunk, onto the cache).
         """
         n = x.shape[0]
-        q, k, v = self.project_qkv(x[None], self.rope(batch.positions[None]))
+        q, k, v = self.project_qkv(x[None], batch.positions[None])
         q, k, v = q[0], k[0], v[0]  # [N, H, D]
         k_pages, v_pages = kv
         # Written before attending: the kernels read a token's own k/v from the pool.
@@ -374,19 +322,6 @@ class SwiGLU(nnx.Module):
         self.gate_proj = Linear(d, f, config=config, rngs=rngs)
         self.up_proj = Linear(d, f, config=config, rngs=rngs)
         self.down_proj = Linear(f, d, config=config, rngs=rngs)
-        self.gate_up_proj: Linear | None = nnx.data(None)  # a serving copy's fused gate/up
-
-    def fuse_projections(self) -> None:
-        """gate and up through one linear, as ``Attention.fuse_projections``."""
-        parts = (self.gate_proj, self.up_proj)
-        if self.gate_up_proj is not None or any(p.sparse_layout is not None for p in parts):
-            return
-        self.gate_proj.fuse_outputs(parts[1:])
-        self.gate_up_proj, self.gate_proj, self.up_proj = self.gate_proj, None, None
 
     def __call__(self, x):  # [..., d] -> [..., d]
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj.split_outputs(self.gate_up_proj(x))
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -59,10 +59,6 @@ class EngineConfig:
     # model. None: where kernels.decode_matmul's native kernel runs the model (CPU,
     # bf16 compute, the kernel built); XLA's f32 dot is slower on that layout.
     out_in_weights: bool | None = None
-    # Serve q/k/v and gate/up as one fused weight each (``serving_layout.py``): one
-    # product each per decode step instead of three and two; costs the memory of the
-    # fused copies while the caller keeps its model.
-    fuse_projections: bool = True
 
     def __post_init__(self):
         for name, minimum in (
@@ -82,9 +78,8 @@ class EngineConfig:
                 f"EngineConfig.min_prefill_bucket={self.min_prefill_bucket} must be <= "
                 f"prefill_chunk={self.prefill_chunk}"
             )
-        for name in ("prefix_cache", "fuse_projections"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise TypeError(f"EngineConfig.prefix_cache must be a bool, got {self.prefix_cache!r}")
         if self.out_in_weights is not None and not isinstance(self.out_in_weights, bool):
             raise TypeError(
                 f"EngineConfig.out_in_weights must be a bool or None, got {self.out_in_weights!r}"

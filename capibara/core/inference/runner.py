@@ -22,7 +22,7 @@ from capibara.core.inference.kv_cache import SCRATCH_PAGE, allocate_cache
 from capibara.core.inference.params import EngineConfig
 from capibara.core.inference.sampling import SamplingBatch, sample
 from capibara.core.inference.scheduler import StepPlan
-from capibara.core.inference.serving_layout import serving_copy
+from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.layers import PagedBatch, dtype_of
 from kernels.bit_views import from_bits, to_bits
 from kernels.decode_matmul import native as decode_matmul_native
@@ -94,9 +94,8 @@ class ModelRunner:
     def __init__(self, model, config: EngineConfig):
         self.config = config
         self.model_config = model.config
-        out_in = _serves_out_in(config, model.config)
-        if out_in or config.fuse_projections:
-            model = serving_copy(model, out_in=out_in, fuse=config.fuse_projections)
+        if _serves_out_in(config, model.config):
+            model = out_in_copy(model)
         self.model = model  # what the steps run (its arrays are the leaves below)
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)

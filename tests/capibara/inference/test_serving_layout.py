@@ -1,5 +1,4 @@
-"""The engine's serving copy of a model (``[out, in]`` kernels, fused projections): same
-outputs, the original untouched."""
+"""The engine's ``[out, in]`` copy of a model: same outputs, the original untouched."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from flax import nnx
 from capibara.core import checkpoint
 from capibara.core.config import preset
 from capibara.core.inference import EngineConfig, SamplingParams
-from capibara.core.inference.serving_layout import serving_copy
+from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.model import CapibaraModel
 from capibara.sparsity import sparsify
 from kernels.decode_matmul import native as decode_matmul_native
@@ -31,7 +30,7 @@ def test_copy_computes_the_same_logits_and_leaves_the_model_alone(dtype, tie):
     model = _model(dtype, tie)
     up = model.stack.layers[0].mlp.up_proj
     before = up.kernel.get_value()
-    copy = serving_copy(model, fuse=False)
+    copy = out_in_copy(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9)))
     # One row at a time too: few-row bf16 products take the native kernel on CPU.
     for t in (tokens, tokens[:1, :1]):
@@ -64,7 +63,7 @@ def test_engine_tokens_do_not_depend_on_the_layout():
 def test_default_layout_is_out_in_where_the_native_kernel_runs(dtype):
     engine = make_engine(_model(dtype, tie=False))
     try:
-        linear = engine._runner.model.stack.layers[0].mlp.down_proj  # never fused
+        linear = engine._runner.model.stack.layers[0].mlp.up_proj
         native_here = jax.default_backend() == "cpu" and decode_matmul_native.available()
         assert linear.kernel_out_in == (dtype == "bfloat16" and native_here)
     finally:
@@ -72,72 +71,23 @@ def test_default_layout_is_out_in_where_the_native_kernel_runs(dtype):
 
 
 def test_serving_copy_cannot_be_saved():
-    for out_in in (True, False):
-        copy = serving_copy(_model("float32", tie=True), out_in=out_in)
-        with pytest.raises(ValueError, match="serving copy"):
-            checkpoint.state_tensors(copy)
+    copy = out_in_copy(_model("float32", tie=True))
+    with pytest.raises(ValueError, match="serving copy"):
+        checkpoint.state_tensors(copy)
 
 
 def test_sparse_linears_keep_their_layout():
     config = preset("tiny", intermediate_size=256, hidden_size=128)
     model = CapibaraModel(config, rngs=nnx.Rngs(0))
     sparsify(model, 0.5, block_shape=(64, 64))
-    copy = serving_copy(model, fuse=False)
+    copy = out_in_copy(model)
     mlp = copy.stack.layers[0].mlp
     assert mlp.up_proj.sparse_layout is not None and not mlp.up_proj.kernel_out_in
     assert copy.stack.layers[0].self_attn.q_proj.kernel_out_in
-    fused = serving_copy(model)  # block-sparse gate/up stay apart, dense q/k/v fuse
-    assert fused.stack.layers[0].mlp.gate_up_proj is None
-    hd = config.resolved_head_dim
-    splits = (config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd)
-    assert fused.stack.layers[0].self_attn.qkv_proj.output_splits == splits
     with pytest.raises(ValueError, match="serving layout"):
         copy.stack.layers[0].self_attn.q_proj.make_sparse(None)
 
 
-@pytest.mark.parametrize("name", ["out_in_weights", "fuse_projections"])
-def test_config_rejects_a_non_bool(name):
-    with pytest.raises(TypeError, match=name):
-        EngineConfig(**{name: "yes"})
-
-
-@pytest.mark.parametrize("out_in", [True, False], ids=["out-in", "in-out"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_projections_compute_the_same_logits(dtype, out_in):
-    config = preset("tiny", attention_bias=True, param_dtype=dtype, compute_dtype=dtype)
-    model = CapibaraModel(config, rngs=nnx.Rngs(2))
-    attn = model.stack.layers[0].self_attn
-    # Non-zero biases, so that fusing them is checked too.
-    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-        bias = proj.bias.get_value()
-        proj.bias.set_value(
-            jnp.asarray(np.random.default_rng(0).standard_normal(bias.shape), bias.dtype)
-        )
-    copy = serving_copy(model, out_in=out_in)
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 7)))
-    for t in (tokens, tokens[:1, :1]):
-        assert_close(copy(t)[0], model(t)[0], dtype, scale=4.0)
-    fused_attn, fused_mlp = copy.stack.layers[0].self_attn, copy.stack.layers[0].mlp
-    hd = config.resolved_head_dim
-    splits = (config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd)
-    assert fused_attn.qkv_proj.output_splits == splits and fused_attn.q_proj is None
-    size = config.intermediate_size
-    assert fused_mlp.gate_up_proj.output_splits == (size, size)
-    assert fused_mlp.gate_proj is None and fused_mlp.up_proj is None
-    # The model keeps its own projections.
-    assert attn.qkv_proj is None and attn.q_proj.output_splits is None
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_engine_tokens_do_not_depend_on_fusing(dtype):
-    model = _model(dtype, tie=False)
-    batch = prompts(4, seed=5)
-    params = SamplingParams(max_tokens=6)
-    runs = []
-    for fuse in (False, True):
-        engine = make_engine(model, fuse_projections=fuse)
-        try:
-            runs.append([g.token_ids for g in engine.generate_batch(batch, params)])
-        finally:
-            engine.close()
-    assert runs[0] == runs[1]
+def test_config_rejects_a_non_bool():
+    with pytest.raises(TypeError, match="out_in_weights"):
+        EngineConfig(out_in_weights="yes")
