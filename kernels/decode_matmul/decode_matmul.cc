@@ -39,6 +39,8 @@ constexpr int kMaxRows = 8;  // rows of x per register block; more rows loop
 constexpr int64_t kPrefetchElements = 4096;  // nk: along each row stream (8 KiB)
 constexpr int64_t kPrefetchBytes = 16384;    // kn: along the rows
 constexpr int64_t kChunkBytes = 32768;  // weight bytes per unit of work shared out
+// nk: rows of x up to which each weight row streams alone (see nk_block).
+constexpr int64_t kOneStreamMaxXBytes = 16384;
 
 #if CAPIBARA_DPBF16
 // ---- AVX512-BF16 --------------------------------------------------------------------
@@ -162,11 +164,14 @@ inline void nk_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t K, i
 }
 
 // R weight rows share each load of x. One row stream at a time (R = 1) while the
-// whole product has at most one register block of rows: measured on the 2-core Zen 5
-// VM, the small model's 85 decode products at 4 and 8 rows took 4.8-5.4 ms with one
-// stream where two took 5.8-6.3 (each extra stream costs more bandwidth than the x
-// loads it saves). With more rows the products are closer to compute-bound and two
-// rows sharing x loads win (32 rows: 10.6 ms against 13.1-13.6).
+// product has at most one register block of rows and x stays small in L1
+// (kOneStreamMaxXBytes); two rows per x load otherwise. On the 2-core Zen 5 VM, the
+// small model's 85 decode products ([N, K] weights, one jit, variants compiled side
+// by side and timed interleaved in one process): 8 rows 6.68 / 4.42 ms against
+// 7.75 / 4.63 with two rows everywhere, 4 rows 3.84 against 5.00 (identical code
+// varied by up to 9 % between such runs). With x past L1 (the down projection's
+// K = 2048 at 8 rows: 32 KiB) one stream re-reading x ran 1.3-2x slower (timed in
+// separate processes).
 template <int M, int R>
 void nk_block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N,
               int64_t lo, int64_t hi) {
@@ -237,12 +242,14 @@ struct Work {
   int parties = 1;
   std::unique_ptr<Region[]> regions;
   std::vector<std::vector<float>> partials;  // kn, parties 1..
+  bool share_x = false;                       // nk: two weight rows per load of x
   std::atomic<int64_t> chunks_done{0};
 
   void setup(int max_parties) {
     extent = transposed ? N : K;
     if (transposed) {
       chunk = std::max<int64_t>(2, kChunkBytes / (2 * K));
+      share_x = M > kMaxRows || M * K * 2 > kOneStreamMaxXBytes;
     } else {
       group = M == 1 ? 2 : group_rows(N);
       chunk = std::max<int64_t>(1, kChunkBytes / (2 * N) / group) * group;
@@ -276,7 +283,7 @@ struct Work {
       const int rows = int(std::min<int64_t>(kMaxRows, M - m0));
       const auto seq = std::make_integer_sequence<int, kMaxRows>{};
       if (transposed)
-        nk_fn(rows, M > kMaxRows, seq)(x + m0 * K, w, y + m0 * N, K, N, lo, hi);
+        nk_fn(rows, share_x, seq)(x + m0 * K, w, y + m0 * N, K, N, lo, hi);
       else
         kn_fn(rows, seq)(xpairs.data() + m0 * kp, w, out + m0 * N, K, N, lo, hi, group);
     }

@@ -51,7 +51,8 @@ def _operands(m, k, n, transposed, dtype=jnp.bfloat16, seed=0):
 
 
 # (M, K, N): rows across the 8-row register block, K odd and off the 32-wide vectors,
-# N off the 32-column vectors, rows 4 KiB apart (N = 2048: the small row groups).
+# N off the 32-column vectors, rows 4 KiB apart (N = 2048: the small row groups), and
+# up to 8 rows of x past 16 KiB (nk shares each x load between two weight rows).
 SHAPES = [
     (1, 1, 1),
     (1, 768, 2048),
@@ -60,6 +61,8 @@ SHAPES = [
     (5, 31, 65),
     (7, 64, 96),
     (8, 768, 256),
+    (8, 2048, 67),
+    (5, 1701, 9),
     (9, 33, 70),
     (16, 130, 48),
     (20, 2048, 40),
