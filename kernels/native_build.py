@@ -61,6 +61,39 @@ def register(
     return None
 
 
+class Kernel:
+    """One native kernel's FFI handler, built and registered on first use (``register``).
+
+    kernel = Kernel(source, "capibara_op", "CapibaraOp")
+    kernel.available()  # True when it runs here
+    kernel.reason()     # why not (None when it runs); computed once
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        target: str,
+        symbol: str,
+        check: Callable[[ctypes.CDLL], str | None] | None = None,
+    ):
+        self.source, self.target, self.symbol, self.check = source, target, symbol, check
+        self._lock = threading.Lock()
+        self._registered = False
+        self._why_not: str | None = None
+
+    def reason(self) -> str | None:
+        """Why the native kernel cannot run on this machine (None when it can)."""
+        with self._lock:
+            if not self._registered:
+                self._why_not = register(self.source, self.target, self.symbol, self.check)
+                self._registered = True
+            return self._why_not
+
+    def available(self) -> bool:
+        """True when the kernel is built, loaded and registered for XLA:CPU here."""
+        return self.reason() is None
+
+
 def build(source: Path) -> Path:
     """Compiles ``source`` into the cache unless an identical build is there; its path."""
     compiler = next(filter(None, map(shutil.which, COMPILERS)), None)

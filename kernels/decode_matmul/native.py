@@ -8,7 +8,6 @@ it (no compiler, another CPU) ``available()`` is False, ``reason()`` says why, a
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
@@ -20,25 +19,14 @@ TARGET = "capibara_decode_matmul"
 SOURCE = Path(__file__).with_name("decode_matmul.cc")
 
 
-def available() -> bool:
-    """True when the kernel is built, loaded and registered for XLA:CPU here."""
-    return _load() is None
-
-
-def reason() -> str | None:
-    """Why the native kernel cannot run on this machine (None when it can)."""
-    return _load()
-
-
-@functools.cache
-def _load() -> str | None:
-    return native_build.register(SOURCE, TARGET, "CapibaraDecodeMatmul", _targets_dpbf16)
-
-
 def _targets_dpbf16(library) -> str | None:
     if not library.CapibaraDecodeMatmulUsesDpbf16():
         return "the compiler does not target AVX512-BF16 on this CPU (-march=native)"
     return None
+
+
+KERNEL = native_build.Kernel(SOURCE, TARGET, "CapibaraDecodeMatmul", _targets_dpbf16)
+available, reason = KERNEL.available, KERNEL.reason
 
 
 def matmul(x: jax.Array, w: jax.Array, *, w_transposed: bool) -> jax.Array:

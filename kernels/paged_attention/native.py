@@ -8,7 +8,6 @@ and ``implementation=None`` runs the ``"xla"`` path. f32 and bf16 only.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
@@ -22,19 +21,8 @@ SOURCE = Path(__file__).with_name("paged_attention.cc")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def available() -> bool:
-    """True when the kernel is built, loaded and registered for XLA:CPU here."""
-    return _load() is None
-
-
-def reason() -> str | None:
-    """Why the native kernel cannot run on this machine (None when it can)."""
-    return _load()
-
-
-@functools.cache
-def _load() -> str | None:
-    return native_build.register(SOURCE, TARGET, "CapibaraPagedAttention")
+KERNEL = native_build.Kernel(SOURCE, TARGET, "CapibaraPagedAttention")
+available, reason = KERNEL.available, KERNEL.reason
 
 
 def paged_attention(
@@ -51,7 +39,7 @@ def paged_attention(
     """``q [B, S, Hq, D]`` against the paged cache -> ``[B, S, Hq, D]`` in ``q.dtype``;
     the arguments as in ``reference.paged_attention`` (f32 or bf16, ``int32`` lengths
     and table; bf16 pools may be their ``uint16`` bits)."""
-    if (why_not := _load()) is not None:
+    if (why_not := reason()) is not None:
         raise ValueError(f"paged_attention: the native kernel is unavailable: {why_not}")
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential"
