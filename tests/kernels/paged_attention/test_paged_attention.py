@@ -95,6 +95,11 @@ def call(q, *cache, **kw):
     return ready(paged_prefill_attention(q, *cache, **kw))
 
 
+def flag_kwargs(flags):
+    """``(sliding_window, logits_soft_cap)`` as keyword arguments of ``check``."""
+    return dict(zip(("sliding_window", "logits_soft_cap"), flags, strict=True))
+
+
 def check(shape_name, dtype, impl_kw, *, sliding_window=None, logits_soft_cap=None, **kw):
     q, *cache = problem(shape_name, dtype, **kw)
     flags = dict(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
@@ -162,14 +167,7 @@ def test_matches_reference(impl, shape_name, dtype):
 @pytest.mark.parametrize("shape_name", TILING_SHAPES)
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "pallas-interpret"])
 def test_many_tiles_match_reference(impl, shape_name, dtype, flags):
-    sliding_window, logits_soft_cap = flags
-    check(
-        shape_name,
-        dtype,
-        IMPLS[impl],
-        sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap,
-    )
+    check(shape_name, dtype, IMPLS[impl], **flag_kwargs(flags))
 
 
 def _flag_cases():
@@ -186,14 +184,7 @@ def _flag_cases():
 
 @pytest.mark.parametrize("impl,shape_name,flags,dtype", list(_flag_cases()))
 def test_flags_match_reference(impl, shape_name, flags, dtype):
-    sliding_window, logits_soft_cap = FLAGS[flags]
-    check(
-        shape_name,
-        dtype,
-        IMPLS[impl],
-        sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap,
-    )
+    check(shape_name, dtype, IMPLS[impl], **flag_kwargs(FLAGS[flags]))
 
 
 def test_auto_implementation_matches_reference():
