@@ -68,19 +68,36 @@ def _filtered_sample(logits, params: SamplingBatch):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
+_GREEDY_BLOCK = 128  # logits per block of greedy_tokens' first pass
+
+
 def greedy_tokens(logits: jax.Array) -> jax.Array:
     """``int32 [R]``: the first index of each row's maximum of ``logits [R, V]``.
 
-    The same tokens as ``jnp.argmax`` (ties go to the lowest index), as two plain
-    reductions: XLA:CPU runs argmax's paired (value, index) reduction ~10x slower,
-    ~4 ms of a 32-row decode step over a 32000 vocabulary. A row holding NaN (no
-    element equals its max) gets the last index rather than an out-of-range one.
+    The same tokens as ``jnp.argmax`` (ties go to the lowest index), in two passes
+    over blocks of 128: each block's maximum, then the first block that holds the
+    row's maximum and the first position in it. XLA:CPU runs argmax's paired
+    (value, index) reduction ~20x slower, and a compare-and-select over the whole
+    row ~5x (measured on [8, 32000] f32: argmax 560 us, one-pass select 126 us, these
+    passes 25 us; in the engine's batch-8 decode step sampling was ~0.3 ms of ~6.4).
+    A row holding NaN (no element equals its max) gets the last index rather than an
+    out-of-range one.
     """
-    vocab = logits.shape[-1]
-    top = logits.max(axis=-1, keepdims=True)
-    index = jnp.arange(vocab, dtype=jnp.int32)
-    first = jnp.min(jnp.where(logits == top, index, vocab), axis=-1)
-    return jnp.minimum(first, vocab - 1)
+    rows, vocab = logits.shape
+    blocks = -(-vocab // _GREEDY_BLOCK)
+    # -inf padding sits after every real entry, so it is never the first maximum.
+    padded = jnp.pad(
+        logits, ((0, 0), (0, blocks * _GREEDY_BLOCK - vocab)), constant_values=-jnp.inf
+    )
+    blocked = padded.reshape(rows, blocks, _GREEDY_BLOCK)
+    block_max = blocked.max(axis=-1)  # [R, blocks]
+    top = block_max.max(axis=-1, keepdims=True)  # [R, 1]
+    first_block = jnp.min(jnp.where(block_max == top, jnp.arange(blocks), blocks), axis=-1)
+    first_block = jnp.minimum(first_block, blocks - 1)  # NaN rows: no block matched
+    block = jnp.take_along_axis(blocked, first_block[:, None, None], axis=1)[:, 0]
+    position = jnp.min(jnp.where(block == top, jnp.arange(_GREEDY_BLOCK), _GREEDY_BLOCK), axis=-1)
+    index = first_block * _GREEDY_BLOCK + position
+    return jnp.minimum(index, vocab - 1).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, params: SamplingBatch) -> jax.Array:
