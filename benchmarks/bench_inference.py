@@ -22,8 +22,9 @@ On XLA:CPU the bf16 rows depend on ``kernels.decode_matmul``'s native kernel (th
 decode steps' linears and vocab head; it needs a C++ compiler and an AVX512-BF16
 CPU, else XLA's bf16 dot runs: about f32 speed) and on the engine's ``[out, in]``
 weight copy (``EngineConfig.out_in_weights``, default on CPU). Every row's attention
-runs ``kernels.paged_attention``'s native kernel where a C++ compiler is on PATH
-(else the xla path). No XLA flag is set.
+runs ``kernels.paged_attention``'s native kernel, and its RoPE and KV writes
+``kernels.rope_kv_write``'s, where a C++ compiler is on PATH (else the xla paths).
+No XLA flag is set.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from capibara.core.inference import CapibaraInference, EngineConfig, SamplingPar
 from capibara.core.model import CapibaraModel
 from kernels.decode_matmul import native
 from kernels.paged_attention import native as paged_native
+from kernels.rope_kv_write import native as rope_native
 
 PROMPT, NEW = 32, 64
 BATCHES = [1, 8, 32]
@@ -158,6 +160,8 @@ def _kernels_note(dtype: str) -> str:
         natives.append("decode matmul")
     if paged_native.available():
         natives.append("paged attention")
+    if rope_native.available():
+        natives.append("rope/kv write")
     return "cpu: " + (f"native {' + '.join(natives)}, " if natives else "") + "xla kernels"
 
 

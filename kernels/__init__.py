@@ -11,6 +11,7 @@ from kernels.decode_matmul import decode_matmul
 from kernels.flash_attention import flash_attention
 from kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
 from kernels.paged_attention import paged_attention, paged_prefill_attention
+from kernels.rope_kv_write import rope_kv_write
 
 __all__ = [
     "BlockSparseMatrix",
@@ -21,5 +22,6 @@ __all__ = [
     "moe",
     "paged_attention",
     "paged_prefill_attention",
+    "rope_kv_write",
     "transposed_grouped_matmul",
 ]

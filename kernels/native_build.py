@@ -3,10 +3,11 @@
 A kernel source is compiled on the machine that runs it, with the C++ compiler found
 on ``PATH`` (``g++`` / ``c++`` / ``clang++``) and ``-march=native``, against the
 jaxlib FFI headers; the shared library is cached under ``$XDG_CACHE_HOME/capibara``
-(default ``~/.cache/capibara``), keyed by the source, the flags, the compiler, the
-jax version and the CPU's feature flags, so a cached library is only reused where it
-was built for. Without a compiler, or when the build fails, ``load`` raises
-``Unavailable`` with the reason, and the ops fall back to XLA.
+(default ``~/.cache/capibara``), keyed by the source and the package headers it
+includes (``#include "..."``, e.g. ``kernels/native/f32x16.h``), the flags, the
+compiler, the jax version and the CPU's feature flags, so a cached library is only
+reused where it was built for. Without a compiler, or when the build fails, ``load``
+raises ``Unavailable`` with the reason, and the ops fall back to XLA.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -101,7 +103,8 @@ def build(source: Path) -> Path:
         raise Unavailable(f"no C++ compiler on PATH (looked for {', '.join(COMPILERS)})")
     flags = [*FLAGS, "-isystem", jax.ffi.include_dir()]
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(flags).encode(), _compiler_version(compiler)):
+    sources = [source.read_bytes(), *(h.read_bytes() for h in local_headers(source))]
+    for part in (*sources, " ".join(flags).encode(), _compiler_version(compiler)):
         key.update(part)
     key.update(jax.__version__.encode() + _cpu_flags())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "capibara"
@@ -120,6 +123,24 @@ def build(source: Path) -> Path:
             raise Unavailable(f"{compiler} failed on {source.name}:\n{result.stderr[-2000:]}")
         os.replace(out, library)
     return library
+
+
+def local_headers(source: Path) -> list[Path]:
+    """The files ``source`` includes with ``#include "..."`` (relative to the including
+    file), recursively, in a fixed order: they are part of a build's cache key."""
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        current = pending.pop()
+        for match in _LOCAL_INCLUDE.finditer(current.read_text()):
+            header = (current.parent / match.group(1)).resolve()
+            if header.exists() and header not in found:
+                found.append(header)
+                pending.append(header)
+    return found
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def _compiler_version(compiler: str) -> bytes:

@@ -19,6 +19,7 @@ import kernels
 from capibara.core.config import CapibaraConfig
 from kernels.bit_views import from_bits, to_bits
 from kernels.block_sparse import BlockLayout, BlockSparseMatrix
+from kernels.rope_kv_write.reference import rotate
 
 
 def dtype_of(name: str):
@@ -154,14 +155,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.nd
     raise ValueError(f"rope_scaling: unsupported rope_type {kind!r} (supported: linear, llama3)")
 
 
+def rope_angles(positions, inv_freq) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of ``positions [...]`` times ``inv_freq``: f32 ``[..., D/2]`` each."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x, positions, inv_freq):
     """Rotates ``x [B, S, H, D]`` by ``positions [B, S]`` (half-split layout, as in HF)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    return rotate(x, *rope_angles(positions, inv_freq))
 
 
 # -- attention and MLP -----------------------------------------------------------------
@@ -209,20 +211,6 @@ class PagedBatch:
         return self.prefill_lengths.shape[0]
 
 
-def write_kv(pages, page_ids, offsets, values):
-    """``pages [Hkv, P, page_size, D]`` with ``values [N, Hkv, D]`` stored at
-    ``(page_ids[i], offsets[i])`` for each of the ``N`` tokens.
-
-    16-bit pools are written as ``uint16`` (``kernels.bit_views``: the bits are the
-    same). XLA:CPU scatters a bf16 operand by converting the whole pool to f32 and
-    back around the scatter, every layer of every step: at 32 sequences that was half
-    the decode step. An integer scatter stays in place.
-    """
-    values = values.transpose(1, 0, 2).astype(pages.dtype)  # [Hkv, N, D]
-    written = to_bits(pages).at[:, page_ids, offsets].set(to_bits(values))
-    return from_bits(written, pages.dtype)
-
-
 class Attention(nnx.Module):
     """GQA self-attention through ``kernels.flash_attention`` (causal, RoPE)."""
 
@@ -239,17 +227,19 @@ class Attention(nnx.Module):
         self.implementation = config.implementation
         self.interpret = config.interpret_kernels
 
-    def project_qkv(self, x, positions):
-        """``x [B, S, d]`` -> roped ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``."""
+    def project_qkv(self, x):
+        """``x [B, S, d]`` -> ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` (not rotated)."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
+        return q, k, v
 
     def __call__(self, x, positions, segment_ids=None):  # [B, S, d] -> [B, S, d]
         b, s, _ = x.shape
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v = self.project_qkv(x)
+        rotary = rope_angles(positions, self.inv_freq)
+        q, k = rotate(q, *rotary), rotate(k, *rotary)
         out = kernels.flash_attention(
             q,
             k,
@@ -262,42 +252,60 @@ class Attention(nnx.Module):
         )
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
-    def forward_paged(self, x, kv: tuple[jax.Array, jax.Array], batch: PagedBatch):
+    def forward_paged(self, x, kv: tuple[jax.Array, jax.Array], batch: PagedBatch, rotary=None):
         """Serving step: ``x [N, d]`` (``batch``'s flat layout) -> ``([N, d], new kv)``.
 
+        ``rotary``: ``rope_angles(batch.positions, inv_freq)``, computed once for all the
+        layers of a step (they share frequencies); None computes it here.
+
         Writes every token's roped k and v into the page pools ``kv = (k_pages,
-        v_pages)``, each ``[Hkv, P, page_size, D]``, then the decode rows attend through
-        ``kernels.paged_attention`` and the prefill rows through
-        ``kernels.paged_prefill_attention`` (causal within the chunk, onto the cache).
+        v_pages)``, each ``[Hkv, P, page_size, D]`` (``kernels.rope_kv_write``), then the
+        decode rows attend through ``kernels.paged_attention`` and the prefill rows
+        through ``kernels.paged_prefill_attention`` (causal within the chunk, onto the
+        cache).
         """
         n = x.shape[0]
-        q, k, v = self.project_qkv(x[None], batch.positions[None])
-        q, k, v = q[0], k[0], v[0]  # [N, H, D]
+        q, k, v = self.project_qkv(x[:, None])  # [N, 1, H, D]: q as attention takes it
+        k, v = k[:, 0], v[:, 0]
+        if rotary is None:
+            rotary = rope_angles(batch.positions, self.inv_freq)
         k_pages, v_pages = kv
-        # Written before attending: the kernels read a token's own k/v from the pool.
-        k_pages = write_kv(k_pages, batch.write_pages, batch.write_offsets, k)
-        v_pages = write_kv(v_pages, batch.write_pages, batch.write_offsets, v)
-        q = q.astype(k_pages.dtype)
+        dtype = k_pages.dtype
+        # 16-bit pools go to the kernels as the uint16 bits they are stored as (these
+        # bitcasts cancel with the step's own; a bf16 view handed to a custom call, or
+        # scattered, would cost XLA:CPU a copy of the pool).
+        # Written before attending: the attention kernels read a token's own k/v there.
+        q, k_bits, v_bits = kernels.rope_kv_write(
+            q,
+            k,
+            v,
+            *rotary,
+            to_bits(k_pages),
+            to_bits(v_pages),
+            batch.write_pages,
+            batch.write_offsets,
+            implementation=self.implementation
+            if self.implementation in ("xla", "reference")
+            else None,
+        )
+        q = q.astype(dtype)
         options = dict(
             sliding_window=self.sliding_window,
             implementation=self.implementation,
             interpret=self.interpret,
         )
         bd, bp = batch.num_decode, batch.num_prefill
-        # 16-bit pools go to the kernels as the uint16 bits they are stored as (that
-        # bitcast cancels with write_kv's; a bf16 view would cost a pool copy there).
-        k_bits, v_bits = to_bits(k_pages), to_bits(v_pages)
         outs = []
         if bd:
             outs.append(
-                kernels.paged_attention(
+                kernels.paged_prefill_attention(  # one query per row: decode
                     q[:bd],
                     k_bits,
                     v_bits,
                     batch.decode_lengths,
                     batch.decode_page_table,
                     **options,
-                )
+                )[:, 0]
             )
         if bp:
             s = (n - bd) // bp
@@ -311,7 +319,8 @@ class Attention(nnx.Module):
             )
             outs.append(out.reshape(bp * s, self.num_heads, self.head_dim))
         out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim)), (k_pages, v_pages)
+        pools = (from_bits(k_bits, dtype), from_bits(v_bits, dtype))
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim)), pools
 
 
 class SwiGLU(nnx.Module):

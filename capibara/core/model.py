@@ -18,7 +18,15 @@ from flax import nnx
 
 from capibara.core import checkpoint
 from capibara.core.config import CapibaraConfig
-from capibara.core.layers import Attention, PagedBatch, RMSNorm, SwiGLU, dtype_of, matmul_f32
+from capibara.core.layers import (
+    Attention,
+    PagedBatch,
+    RMSNorm,
+    SwiGLU,
+    dtype_of,
+    matmul_f32,
+    rope_angles,
+)
 from capibara.core.mixture_of_depths import DualProcessRouter, DualProcessRouterConfig
 from capibara.core.model_moe import make_moe_block
 from capibara.core.router_base import RoutingContext
@@ -106,8 +114,10 @@ class DecoderBlock(nnx.Module):
         y, routing = self.mod_router(x, slow_fn, context)
         return y, {**inner_aux, **routing.aux_losses}
 
-    def forward_paged(self, x, kv, batch: PagedBatch):
+    def forward_paged(self, x, kv, batch: PagedBatch, rotary=None):
         """Serving step of one block: ``x [N, d]`` -> (``[N, d]``, new kv, expert load).
+
+        ``rotary``: the step's RoPE angles, as ``Attention.forward_paged`` takes them.
 
         Routing runs with ``decode=True`` (dropless, batch-invariant; see
         ``capibara.core.routing``). The expert load is f32 ``[E]`` tokens per expert
@@ -118,7 +128,7 @@ class DecoderBlock(nnx.Module):
                 "Mixture-of-Depths layers cannot be served from a KV cache: a skipped "
                 "token writes no k/v, so the cache layout would depend on routing"
             )
-        attn, kv = self.self_attn.forward_paged(self.input_layernorm(x), kv, batch)
+        attn, kv = self.self_attn.forward_paged(self.input_layernorm(x), kv, batch, rotary)
         h = x + attn
         normed = self.post_attention_layernorm(h)
         if not self.is_moe:
@@ -235,8 +245,11 @@ class CapibaraModel(nnx.Module):
         """
         x = self.embed(tokens[None])[0]  # [N, d]
         new_cache, loads = [], []
+        # One RoPE table for the step: every layer has the same frequencies (each keeps
+        # its own copy, so XLA would not merge per-layer tables).
+        rotary = rope_angles(batch.positions, self.stack.layers[0].self_attn.inv_freq)
         for layer, kv in zip(self.stack.layers, kv_cache, strict=True):
-            x, kv, load = layer.forward_paged(x, kv, batch)
+            x, kv, load = layer.forward_paged(x, kv, batch, rotary)
             new_cache.append(kv)
             if load is not None:
                 loads.append(load)

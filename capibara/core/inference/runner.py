@@ -66,8 +66,9 @@ def _step(structure: _Structure, leaves, cache, tokens, batch: PagedBatch, sampl
     model = nnx.merge(structure.graphdef, state)
     # 16-bit KV pools are kept as uint16 words between steps (``kernels.bit_views``):
     # XLA:CPU copies a whole pool at each bf16 <-> uint16 bitcast crossing the jit
-    # boundary, and ``write_kv`` needs the integer type to scatter in place. Stored as
-    # words, these bitcasts cancel inside the program and each layer writes in place.
+    # boundary, and the KV writes (``kernels.rope_kv_write``) and the attention kernels
+    # take the words as they are. Stored as words, these bitcasts cancel inside the
+    # program and each layer writes in place.
     dtype = dtype_of(model.config.compute_dtype)
     pools = [tuple(from_bits(p, dtype) for p in kv) for kv in cache]
     logits, pools, load = model.forward_with_cache(tokens, pools, batch)

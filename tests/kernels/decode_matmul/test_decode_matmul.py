@@ -207,3 +207,21 @@ def test_failed_build_is_reported_with_the_compiler_output(monkeypatch, tmp_path
         pytest.skip("no C++ compiler on this machine")
     with pytest.raises(native_build.Unavailable, match=r"failed on broken\.cc"):
         native_build.build(broken)
+
+
+def test_an_included_package_header_is_part_of_the_cache_key(monkeypatch, tmp_path):
+    if not any(map(shutil.which, native_build.COMPILERS)):
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "native").mkdir()
+    header = tmp_path / "native" / "value.h"
+    source = tmp_path / "op" / "op.cc"
+    source.parent.mkdir()
+    source.write_text('#include "../native/value.h"\nextern "C" int value() { return VALUE; }\n')
+    assert native_build.local_headers(source) == []  # a header not there is left out
+    header.write_text("#define VALUE 1\n")
+    assert native_build.local_headers(source) == [header.resolve()]
+    first = native_build.build(source)
+    header.write_text("#define VALUE 2\n")
+    second = native_build.build(source)
+    assert first != second and first.exists() and second.exists()
