@@ -13,7 +13,9 @@
 // Why a native kernel: in a batch-8 bf16 decode step of the `small` model, XLA:CPU
 // ran this as five small thunks a layer (the rotations as loop fusions with a
 // concatenate, two scatters), ~0.35 ms of a ~6.4 ms step (measured by removing them
-// from the compiled step), for ~10K elements a layer.
+// from the compiled step), for ~10K elements a layer. This call (with one RoPE table
+// per step) took 0.11 ms off the step in a paired A/B; the rest is the projections'
+// casts around it and the call itself.
 #include <cstdint>
 #include <cstring>
 
