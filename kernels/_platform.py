@@ -90,9 +90,11 @@ def dispatch(
         ``"reference"``.
       interpret: run the Pallas kernel in the interpreter (any platform).
       impls: implementation name -> function with the op's positional signature. The
-        ``"pallas"`` entry must already carry ``interpret`` if the caller wants it;
-        a ``"native"`` entry only where that kernel is built and takes the inputs
-        (the op raises for an explicit ``"native"`` otherwise).
+        ``"pallas"`` entry must already carry ``interpret`` if the caller wants it; an
+        op without a Pallas kernel leaves it out (``None`` then runs ``"xla"`` on TPU
+        too, and ``"pallas"`` or ``interpret=True`` raise). A ``"native"`` entry only
+        where that kernel is built and takes the inputs (the op raises for an explicit
+        ``"native"`` otherwise).
 
     Returns:
       A function of the same positional arguments. For ``None`` and compiled
@@ -103,6 +105,12 @@ def dispatch(
         raise ValueError(
             f"{op_name}: interpret=True runs the Pallas kernel, but "
             f"implementation={implementation!r} was asked for"
+        )
+    if (implementation == "pallas" or interpret) and "pallas" not in impls:
+        raise ValueError(
+            f"{op_name}: there is no Pallas kernel (implementations: "
+            + ", ".join(sorted(impls))
+            + ")"
         )
     if implementation in ("xla", "reference"):
         return impls[implementation]
@@ -135,7 +143,7 @@ def dispatch(
         branches = {
             platform: impls[name]
             for platform, name in BEST_IMPLEMENTATION.items()
-            if platform != "default"
+            if platform != "default" and name in impls
         }
         if "native" in impls:
             branches[NATIVE_PLATFORM] = impls["native"]

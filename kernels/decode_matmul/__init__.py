@@ -109,10 +109,12 @@ def decode_matmul(
     rows = x.reshape(-1, k)
     n = w.shape[0] if w_transposed else w.shape[1]
     fn = _pick(implementation, rows, w, w_transposed)
-    return fn(rows, w, w_transposed).reshape(*lead, n)
+    return fn(rows, w).reshape(*lead, n)
 
 
 def _pick(implementation, rows, w, w_transposed):
+    """``(x, w) -> y`` for this choice (``_platform.dispatch``, which decides the
+    platform at lowering)."""
     bf16 = rows.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
     if implementation == "native":
         if not bf16:
@@ -124,12 +126,14 @@ def _pick(implementation, rows, w, w_transposed):
             raise ValueError(
                 f"decode_matmul: implementation='native' unavailable: {native.reason()}"
             )
-        return _native_on_cpu
-    if implementation in ("xla", "reference"):
-        return _BY_NAME[implementation]
-    if bf16 and rows.shape[0] <= max_native_rows(w_transposed) and native.available():
-        return _native_or_xla
-    return _xla
+    impls = {
+        "xla": lambda x, w: _xla(x, w, w_transposed),
+        "reference": lambda x, w: _reference(x, w, w_transposed),
+    }
+    fits = bf16 and rows.shape[0] <= max_native_rows(w_transposed) and native.available()
+    if implementation == "native" or (implementation is None and fits):
+        impls["native"] = lambda x, w: _native(x, w, w_transposed)
+    return _platform.dispatch("decode_matmul", implementation, False, impls)
 
 
 def _xla(x, w, w_transposed):
@@ -138,9 +142,6 @@ def _xla(x, w, w_transposed):
 
 def _reference(x, w, w_transposed):
     return reference.matmul(x, w, w_transposed=w_transposed)
-
-
-_BY_NAME = {"xla": _xla, "reference": _reference}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -165,26 +166,3 @@ def _native_bwd(w_transposed, residuals, g):
 
 
 _native.defvjp(_native_fwd, _native_bwd)
-
-
-def _native_else(default):
-    """``(x, w, w_transposed)`` -> the native kernel where this lowers for CPU, else
-    ``default(x, w)`` (a switch resolved at lowering, so ``jax.export`` for another
-    platform gets ``default``)."""
-
-    def run(x, w, w_transposed):
-        return jax.lax.platform_dependent(
-            x, w, cpu=lambda x, w: _native(x, w, w_transposed), default=default(w_transposed)
-        )
-
-    return run
-
-
-# implementation=None: XLA's dot off CPU.
-_native_or_xla = _native_else(lambda t: lambda x, w: _xla(x, w, t))
-# An explicit "native": lowering it for anything but CPU raises.
-_native_on_cpu = _native_else(
-    lambda t: _platform._fail_at_lowering(
-        lambda x, w: _xla(x, w, t), "decode_matmul: implementation='native' runs on CPU only"
-    )
-)

@@ -71,26 +71,16 @@ def rope_kv_write(
       ``(q rotated, q's shape and dtype, k_pages, v_pages)``, the pools in their
       dtype with the step's tokens written.
     """
-    _platform.validate_implementation(implementation, native=True)
-    if implementation == "pallas":
-        raise ValueError("rope_kv_write: there is no Pallas kernel (native, xla, reference)")
     args = (q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offsets)
     _validate(*args)
-    if implementation in ("xla", "reference"):
-        return reference.rope_kv_write(*args)
-    why_not = _native_unusable(q, k, v, k_pages, v_pages)
-    if why_not is not None:
-        if implementation == "native":
+    impls = {"xla": reference.rope_kv_write, "reference": reference.rope_kv_write}
+    if implementation in (None, "native"):
+        why_not = _native_unusable(q, k, v, k_pages, v_pages)
+        if why_not is None:
+            impls["native"] = native.rope_kv_write
+        elif implementation == "native":
             raise ValueError(f"rope_kv_write: implementation='native' unavailable: {why_not}")
-        return reference.rope_kv_write(*args)
-    default = reference.rope_kv_write
-    if implementation == "native":
-        default = _platform._fail_at_lowering(
-            native.rope_kv_write, "rope_kv_write: implementation='native' runs on CPU only"
-        )
-    return jax.lax.platform_dependent(
-        *args, **{_platform.NATIVE_PLATFORM: native.rope_kv_write}, default=default
-    )
+    return _platform.dispatch("rope_kv_write", implementation, False, impls)(*args)
 
 
 def _validate(q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offsets) -> None:
