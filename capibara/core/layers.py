@@ -48,9 +48,15 @@ def matmul_f32(x, w, *, w_transposed: bool = False, implementation: str | None =
     model's setting: ``"xla"``/``"reference"`` pass through; ``"pallas"`` and ``None``
     let the op pick (it has no Pallas kernel).
     """
-    if implementation not in ("xla", "reference"):
-        implementation = None
-    return kernels.decode_matmul(x, w, w_transposed=w_transposed, implementation=implementation)
+    return kernels.decode_matmul(
+        x, w, w_transposed=w_transposed, implementation=portable_or_auto(implementation)
+    )
+
+
+def portable_or_auto(implementation: str | None) -> str | None:
+    """The model's ``implementation`` setting for an op without a Pallas kernel:
+    ``"xla"`` and ``"reference"`` pass through, anything else lets the op pick."""
+    return implementation if implementation in ("xla", "reference") else None
 
 
 class Linear(nnx.Module):
@@ -252,11 +258,11 @@ class Attention(nnx.Module):
         )
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
-    def forward_paged(self, x, kv: tuple[jax.Array, jax.Array], batch: PagedBatch, rotary=None):
+    def forward_paged(self, x, kv: tuple[jax.Array, jax.Array], batch: PagedBatch, rotary):
         """Serving step: ``x [N, d]`` (``batch``'s flat layout) -> ``([N, d], new kv)``.
 
         ``rotary``: ``rope_angles(batch.positions, inv_freq)``, computed once for all the
-        layers of a step (they share frequencies); None computes it here.
+        layers of a step (they share frequencies).
 
         Writes every token's roped k and v into the page pools ``kv = (k_pages,
         v_pages)``, each ``[Hkv, P, page_size, D]`` (``kernels.rope_kv_write``), then the
@@ -267,8 +273,6 @@ class Attention(nnx.Module):
         n = x.shape[0]
         q, k, v = self.project_qkv(x[:, None])  # [N, 1, H, D]: q as attention takes it
         k, v = k[:, 0], v[:, 0]
-        if rotary is None:
-            rotary = rope_angles(batch.positions, self.inv_freq)
         k_pages, v_pages = kv
         dtype = k_pages.dtype
         # 16-bit pools go to the kernels as the uint16 bits they are stored as (these
@@ -284,9 +288,7 @@ class Attention(nnx.Module):
             to_bits(v_pages),
             batch.write_pages,
             batch.write_offsets,
-            implementation=self.implementation
-            if self.implementation in ("xla", "reference")
-            else None,
+            implementation=portable_or_auto(self.implementation),
         )
         q = q.astype(dtype)
         options = dict(

@@ -114,7 +114,7 @@ class DecoderBlock(nnx.Module):
         y, routing = self.mod_router(x, slow_fn, context)
         return y, {**inner_aux, **routing.aux_losses}
 
-    def forward_paged(self, x, kv, batch: PagedBatch, rotary=None):
+    def forward_paged(self, x, kv, batch: PagedBatch, rotary):
         """Serving step of one block: ``x [N, d]`` -> (``[N, d]``, new kv, expert load).
 
         ``rotary``: the step's RoPE angles, as ``Attention.forward_paged`` takes them.
