@@ -51,21 +51,16 @@ struct Elements {
 bool is_bf16(ffi::DataType t) { return t == ffi::DataType::BF16 || t == ffi::DataType::U16; }
 bool supported(ffi::DataType t) { return is_bf16(t) || t == ffi::DataType::F32; }
 
-// Rotates rows [n, H, D] of `in` by (cos, sin) [n, D/2] into `out` at row stride D:
-// out[i, h, j] = x1 c - x2 s, out[i, h, j + D/2] = x2 c + x1 s.
-void rotate_rows(const Elements& in, const Elements& out, const float* cos, const float* sin,
-                 int64_t n, int64_t H, int64_t D) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t row = (i * H + h) * D;
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = in.get(row + j), x2 = in.get(row + j + half);
-        const float c = cos[i * half + j], s = sin[i * half + j];
-        out.put(row + j, x1 * c - x2 * s);
-        out.put(row + j + half, x2 * c + x1 * s);
-      }
-    }
+// One row of D elements of `in` at `row`, rotated by (cos, sin) [D/2] and rounded to
+// `in`'s dtype (as the unfused layer rounds), stored into `out` at `at`:
+// out[j] = x1 c - x2 s, out[j + D/2] = x2 c + x1 s.
+void rotate_row(const Elements& in, int64_t row, const float* cos, const float* sin,
+                int64_t half, const Elements& out, int64_t at) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = in.get(row + j), x2 = in.get(row + j + half);
+    out.put(at + j, in.round(x1 * cos[j] - x2 * sin[j]));
+    out.put(at + j + half, in.round(x2 * cos[j] + x1 * sin[j]));
+  }
 }
 
 ffi::Error RopeKvWrite(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -89,8 +84,14 @@ ffi::Error RopeKvWrite(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
   const float* c = cos.typed_data();
   const float* s = sin.typed_data();
-  rotate_rows({q.untyped_data(), is_bf16(q.element_type())},
-              {q_out->untyped_data(), is_bf16(q.element_type())}, c, s, N, Hq, D);
+  const int64_t half = D / 2;
+  const Elements q_in{q.untyped_data(), is_bf16(q.element_type())};
+  const Elements q_rotated{q_out->untyped_data(), is_bf16(q.element_type())};
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t row = (i * Hq + h) * D;
+      rotate_row(q_in, row, c + i * half, s + i * half, half, q_rotated, row);
+    }
 
   // The outputs alias the pools; should XLA ever hand over separate buffers, carry
   // the pools over first.
@@ -105,19 +106,13 @@ ffi::Error RopeKvWrite(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   const Elements v_pool{v_out->untyped_data(), is_bf16(v_pages.element_type())};
   const int32_t* pages = write_pages.typed_data();
   const int32_t* offsets = write_offsets.typed_data();
-  const int64_t half = D / 2;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t page = pages[i], offset = offsets[i];
     if (page < 0 || page >= P || offset < 0 || offset >= page_size) continue;
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t row = (i * Hkv + h) * D;
       const int64_t slot = ((h * P + page) * page_size + offset) * D;
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = k_in.get(row + j), x2 = k_in.get(row + j + half);
-        const float cj = c[i * half + j], sj = s[i * half + j];
-        k_pool.put(slot + j, k_in.round(x1 * cj - x2 * sj));
-        k_pool.put(slot + j + half, k_in.round(x2 * cj + x1 * sj));
-      }
+      rotate_row(k_in, row, c + i * half, s + i * half, half, k_pool, slot);
       for (int64_t j = 0; j < D; ++j) v_pool.put(slot + j, v_in.get(row + j));
     }
   }
