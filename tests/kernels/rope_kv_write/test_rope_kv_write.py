@@ -17,7 +17,7 @@ import pytest
 
 from kernels import native_build, rope_kv_write
 from kernels.bit_views import from_bits, to_bits
-from kernels.rope_kv_write import native, reference
+from kernels.rope_kv_write import MAX_NATIVE_TOKENS, native, reference
 from kernels.testing import assert_close
 
 NATIVE_EXPECTED = jax.default_backend() == "cpu" and any(map(shutil.which, native_build.COMPILERS))
@@ -165,6 +165,11 @@ def test_default_is_the_native_kernel_in_place_under_donation():
         .lower(*args)
         .as_text()
     )
+
+
+def test_default_runs_xla_past_the_native_token_limit():
+    args = _inputs(n=MAX_NATIVE_TOKENS + 1, pages=8, page_size=4)
+    assert native.TARGET not in jax.jit(rope_kv_write).lower(*args).as_text()
 
 
 def test_default_runs_xla_for_dtypes_the_native_kernel_lacks():
