@@ -5,7 +5,8 @@ Rows per (batch, dtype), in one process on the same random weights: transformers
 ``generate(do_sample=False)`` (the baseline; PyTorch ``LlamaForCausalLM`` with its
 KV cache) and ``CapibaraInference`` (paged KV cache, continuous batching, one jitted
 step; ``max_slots`` = ``prefill_rows`` = the batch, so the batch's prompts are prefilled
-in one step, as ``generate`` does). The timed call generates the whole batch; the note
+in one step, as ``generate`` does; the default ``decode_steps``, so the decode steps
+run in bursts of up to 8 per dispatch). The timed call generates the whole batch; the note
 gives decode tokens/s (``B·63`` tokens after the first / the time after TTFT) and
 TTFT (first token of the batch: transformers' ``max_new_tokens=1`` call; the
 engine's mean TTFT over the batch's requests). Before timing, each row's first 4
@@ -199,7 +200,8 @@ def bench_capibara(measure, benchmark, batch, dtype):
             lambda: float(np.mean([g.metrics.ttft for g in last])),  # the last timed run
         )
         benchmark.extra_info["note"] += (
-            f"; {_kernels_note(dtype)}, {engine.num_compilations} compiled shapes"
+            f"; {_kernels_note(dtype)}, {engine.num_compilations} compiled shapes, "
+            f"up to {config.decode_steps} decode steps a dispatch"
         )
     finally:
         engine.close()

@@ -224,21 +224,24 @@ class CapibaraInference:
 
     def _apply(self, plan, out, load, seconds) -> None:
         new_tokens = 0
-        for r in plan.decode:
-            if r.state == RUNNING:  # else cancelled while the step ran
-                r.num_cached += 1
-                self._scheduler.register_blocks(r)
-                self._emit(r, int(out[r.slot]))
-                new_tokens += 1
+        for step in out.tolist():  # [plan.steps][rows]
+            for r in plan.decode:
+                # Else cancelled while the step ran, or stopped earlier in the burst
+                # (its later tokens are dropped).
+                if r.state == RUNNING:
+                    r.num_cached += 1
+                    self._scheduler.register_blocks(r)
+                    self._emit(r, step[r.slot])
+                    new_tokens += 1
         for row, (r, chunk) in enumerate(plan.prefills):
             if r.state != RUNNING:
                 continue
             r.num_cached += chunk
             self._scheduler.register_blocks(r)
             if r.uncached == 0:  # the chunk reached the end: its last logits are the next token
-                self._emit(r, int(out[self.config.max_slots + row]))
+                self._emit(r, int(out[0, self.config.max_slots + row]))
                 new_tokens += 1
-        self._metrics.record_step(seconds, new_tokens, load)
+        self._metrics.record_step(seconds, new_tokens, load, steps=plan.steps)
         self._cond.notify_all()
 
     def _emit(self, r: Request, token: int) -> None:

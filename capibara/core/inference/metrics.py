@@ -76,8 +76,10 @@ class EngineMetrics:
         self.counts = collections.Counter()
         self.expert_load: np.ndarray | None = None
 
-    def record_step(self, seconds: float, new_tokens: int, load: np.ndarray | None) -> None:
-        self.steps += 1
+    def record_step(
+        self, seconds: float, new_tokens: int, load: np.ndarray | None, *, steps: int = 1
+    ) -> None:
+        self.steps += steps
         self.busy_seconds += seconds
         self.generated_tokens += new_tokens
         if load is not None:

@@ -53,6 +53,13 @@ class EngineConfig:
     # ``prefill_rows`` times its chunk's compute.
     prefill_rows: int = 1
     prefix_cache: bool = True  # share page-aligned prompt prefixes between requests
+    # Decode steps per dispatch when no prefill is pending: one compiled program runs
+    # up to this many steps, feeding each step's tokens to the next on the device, so
+    # the host's per-step work (planning, inputs, dispatch, applying tokens) is paid
+    # once per burst. A burst never outruns a request's max_tokens / max_seq_len; a
+    # stop token inside one drops that row's later tokens. Costs: tokens stream in
+    # bursts, and a request arriving mid-burst waits for it to end to start.
+    decode_steps: int = 8
     seed: int = 0  # draws the seed of requests that give none
     # Serve from an [out, in] copy of the dense weights (``serving_layout.py``): faster
     # bf16 decode steps on CPU, for the memory of that copy while the caller keeps its
@@ -70,6 +77,7 @@ class EngineConfig:
             ("prefill_chunk", 1),
             ("min_prefill_bucket", 1),
             ("prefill_rows", 1),
+            ("decode_steps", 1),
             ("seed", 0),
         ):
             _int(self, name, minimum=minimum)

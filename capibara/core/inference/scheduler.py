@@ -8,7 +8,9 @@ one (the last sampled token) it decodes. Each step:
    (prefix-cache hits first, so shared pages are not counted twice);
 2. picks the ``prefill_rows`` oldest prefilling requests for one chunk each of up to
    ``prefill_chunk`` tokens;
-3. decodes every other running request by one token;
+3. decodes every other running request by one token -- or, with no prefill in the
+   step, by up to ``decode_steps`` tokens in a burst that ends when the first of them
+   is due to finish;
 4. gives each of them the pages its new tokens need. Out of pages: evict unused
    prefix-cache pages, then preempt the newest running request (its pages freed, it
    goes back to the front of the queue and is recomputed later). The oldest request
@@ -73,6 +75,7 @@ class StepPlan:
     # (request, real tokens in its chunk), oldest first
     prefills: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
     bucket: int = 0  # padded chunk length of every prefill row (a compiled shape)
+    steps: int = 1  # decode steps run back to back (more than one only without prefills)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -198,7 +201,33 @@ class Scheduler:
         if plan.prefills:
             longest = max(n for _, n in plan.prefills)
             plan.bucket = next(b for b in self.config.prefill_buckets if b >= longest)
+        elif plan.decode:
+            plan.steps = self._burst(plan.decode)
         return plan
+
+    def _burst(self, decode: list[Request]) -> int:
+        """Decode steps for a plan without prefills, each row's pages grown for them.
+
+        As many as ``decode_steps`` allows without outrunning any row's token limit:
+        the burst ends when the first row is due to finish, so its slot frees with
+        it. One step when the pool cannot hold the burst's pages (the single step's
+        pages are already placed, with preemption if need be)."""
+        steps = min(self.config.decode_steps, *(self._tokens_left(r) for r in decode))
+        if steps > 1:
+            ps = self.config.page_size
+            needed = sum(pages_for(r.num_cached + steps, ps) - len(r.pages) for r in decode)
+            if needed > self._available():
+                return 1
+            for request in decode:
+                self._grow(request, request.num_cached + steps)
+        return steps
+
+    def _tokens_left(self, request: Request) -> int:
+        """Tokens ``request`` may still generate (>= 1 while it runs)."""
+        return min(
+            request.params.max_tokens - len(request.output),
+            self.config.max_seq_len - len(request.tokens),
+        )
 
     def register_blocks(self, request: Request) -> None:
         """Offers the request's newly completed full pages to the prefix cache."""

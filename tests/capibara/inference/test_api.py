@@ -77,6 +77,8 @@ def test_engine_config_errors_name_the_field():
         EngineConfig(prefill_chunk=8, min_prefill_bucket=16)
     with pytest.raises(ValueError, match=r"EngineConfig\.prefill_rows"):
         EngineConfig(prefill_rows=0)
+    with pytest.raises(ValueError, match=r"EngineConfig\.decode_steps"):
+        EngineConfig(decode_steps=0)
     assert EngineConfig(prefill_chunk=64, min_prefill_bucket=16).prefill_buckets == (16, 32, 64)
 
 

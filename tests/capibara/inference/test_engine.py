@@ -89,14 +89,15 @@ def test_streamed_equals_reference(tiny_model, mixed_prompts, expected):
 
 
 def test_compilations_of_a_mixed_workload(tiny_model):
-    from capibara.core.inference.runner import _step
+    from capibara.core.inference.runner import _decode_steps, _step
 
     engine = make_engine(tiny_model)
     engine.generate_batch(prompts(6, lengths=(1, 60), seed=5), SamplingParams(max_tokens=4))
-    before = _step._cache_size()
-    # Another mixed workload: new lengths, new batch sizes -- nothing new to compile.
+    before = _step._cache_size(), _decode_steps._cache_size()
+    # Another mixed workload: new lengths, new batch sizes, bursts of other lengths --
+    # nothing new to compile.
     engine.generate_batch(prompts(11, lengths=(1, 70), seed=6), SamplingParams(max_tokens=9))
-    assert _step._cache_size() == before
+    assert (_step._cache_size(), _decode_steps._cache_size()) == before
     assert engine.metrics().compilations == engine.num_compilations <= 3
     engine.close()
 
