@@ -213,6 +213,7 @@ class Scheduler:
         it. One step when the pool cannot hold the burst's pages (the single step's
         pages are already placed, with preemption if need be)."""
         steps = min(self.config.decode_steps, *(self._tokens_left(r) for r in decode))
+        steps = max(steps, 1)  # (a running row always has a token left; never stall)
         if steps > 1:
             ps = self.config.page_size
             needed = sum(pages_for(r.num_cached + steps, ps) - len(r.pages) for r in decode)
