@@ -14,8 +14,8 @@ tokens are checked against greedy decoding with Capibara's plain full forward in
 FLOPs: 2 per weight per generated token (attention over <100 positions is noise).
 
 Rounds are few (the module must stay under ~8 minutes on 2 CPU cores): alone on the
-2-core machine ``make bench K=inference`` took 133-143 s, 12 rows (191 s pinned to one
-core). Its rows are the slowest to
+2-core machine ``make bench K=inference`` took 188-190 s with 3 rounds a row, 12 rows
+(133-143 s with one round). Its rows are the slowest to
 share the machine: a 27-minute run, alongside other benchmarks, timed transformers'
 f32 batch-8 ``generate`` at 97 s (3.3 s alone).
 
