@@ -254,10 +254,7 @@ class CapibaraInference:
                 r.sink.on_token(r, token, text)
             if stop or r.decoder.stopped:
                 self._finish(r, "stop")
-            elif (
-                len(r.output) >= r.params.max_tokens
-                or len(r.prompt) + len(r.output) >= self.config.max_seq_len
-            ):
+            elif r.tokens_left(self.config.max_seq_len) <= 0:
                 self._finish(r, "length")
         except Exception as e:  # per-request failure: the others go on
             if r.state != FINISHED:

@@ -66,6 +66,10 @@ class Request:
     def uncached(self) -> int:
         return len(self.prompt) + len(self.output) - self.num_cached
 
+    def tokens_left(self, max_seq_len: int) -> int:
+        """Tokens it may still generate: it finishes ("length") when this reaches 0."""
+        return min(self.params.max_tokens - len(self.output), max_seq_len - len(self.tokens))
+
 
 @dataclasses.dataclass
 class StepPlan:
@@ -212,7 +216,8 @@ class Scheduler:
         the burst ends when the first row is due to finish, so its slot frees with
         it. One step when the pool cannot hold the burst's pages (the single step's
         pages are already placed, with preemption if need be)."""
-        steps = min(self.config.decode_steps, *(self._tokens_left(r) for r in decode))
+        limit = self.config.max_seq_len
+        steps = min(self.config.decode_steps, *(r.tokens_left(limit) for r in decode))
         steps = max(steps, 1)  # (a running row always has a token left; never stall)
         if steps > 1:
             ps = self.config.page_size
@@ -222,13 +227,6 @@ class Scheduler:
             for request in decode:
                 self._grow(request, request.num_cached + steps)
         return steps
-
-    def _tokens_left(self, request: Request) -> int:
-        """Tokens ``request`` may still generate (>= 1 while it runs)."""
-        return min(
-            request.params.max_tokens - len(request.output),
-            self.config.max_seq_len - len(request.tokens),
-        )
 
     def register_blocks(self, request: Request) -> None:
         """Offers the request's newly completed full pages to the prefix cache."""
