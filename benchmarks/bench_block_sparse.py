@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.block_sparse import BlockSparseMatrix, flops, xla
+from capibara import kernels
+from capibara.kernels.block_sparse import BlockSparseMatrix, flops, xla
 
 M, K, N, BLOCK = 2048, 4096, 4096, (128, 128)
 DENSITIES = [1.0, 0.5, 0.3438, 0.1, 0.05]

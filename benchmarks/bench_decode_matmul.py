@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.decode_matmul import bytes_accessed, flops, max_native_rows, native
+from capibara import kernels
+from capibara.kernels.decode_matmul import bytes_accessed, flops, max_native_rows, native
 
 # name -> (K, N, w_transposed, number of chained weights). "kn": w [K, N] (the model's
 # layout); "nk": w [N, K] (the serving engine's copy, and the tied vocab head).

@@ -3,7 +3,7 @@
 Rows per (pass, shape, dtype): ``jax.nn.dot_product_attention`` (baseline), tokamax
 ``dot_product_attention`` (``xla`` and ``xla_chunked``), torch
 ``scaled_dot_product_attention`` on CPU (its flash kernel), and ``capibara xla`` (what
-``kernels.flash_attention`` runs on CPU). GFLOP/s use the nominal count
+``capibara.kernels.flash_attention`` runs on CPU). GFLOP/s use the nominal count
 ``4·B·H·S·T·D``, ×0.5 causal, ×2.5 with the backward pass.
 
 Every row is checked: against the materialized reference up to S = 4096, and at
@@ -31,9 +31,9 @@ import tokamax
 import torch
 from absl import flags as absl_flags
 
-from kernels import flash_attention
-from kernels.flash_attention import flops
-from kernels.testing import assert_close
+from capibara.kernels import flash_attention
+from capibara.kernels.flash_attention import flops
+from capibara.kernels.testing import assert_close
 
 # tokamax reads absl flags, which otherwise try to parse pytest's own argv.
 if not absl_flags.FLAGS.is_parsed():

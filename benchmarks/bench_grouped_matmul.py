@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import tokamax
 
-from kernels.grouped_matmul import flops, grouped_matmul
+from capibara.kernels.grouped_matmul import flops, grouped_matmul
 
 T, TOP_K, E, D, FFN = 2048, 2, 8, 1024, 2048
 M = T * TOP_K

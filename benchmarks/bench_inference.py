@@ -19,12 +19,12 @@ Rounds are few (the module must stay under ~8 minutes on 2 CPU cores): alone on 
 share the machine: a 27-minute run, alongside other benchmarks, timed transformers'
 f32 batch-8 ``generate`` at 97 s (3.3 s alone).
 
-On XLA:CPU the bf16 rows depend on ``kernels.decode_matmul``'s native kernel (the
+On XLA:CPU the bf16 rows depend on ``capibara.kernels.decode_matmul``'s native kernel (the
 decode steps' linears and vocab head; it needs a C++ compiler and an AVX512-BF16
 CPU, else XLA's bf16 dot runs: about f32 speed) and on the engine's ``[out, in]``
 weight copy (``EngineConfig.out_in_weights``, default on CPU). Every row's attention
-runs ``kernels.paged_attention``'s native kernel, and its RoPE and KV writes
-``kernels.rope_kv_write``'s, where a C++ compiler is on PATH (else the xla paths).
+runs ``capibara.kernels.paged_attention``'s native kernel, and its RoPE and KV writes
+``capibara.kernels.rope_kv_write``'s, where a C++ compiler is on PATH (else the xla paths).
 No XLA flag is set.
 """
 
@@ -43,9 +43,9 @@ from benchmarks.torch_peer import llama_with_weights_of
 from capibara.core.config import preset
 from capibara.core.inference import CapibaraInference, EngineConfig, SamplingParams
 from capibara.core.model import CapibaraModel
-from kernels.decode_matmul import native
-from kernels.paged_attention import native as paged_native
-from kernels.rope_kv_write import native as rope_native
+from capibara.kernels.decode_matmul import native
+from capibara.kernels.paged_attention import native as paged_native
+from capibara.kernels.rope_kv_write import native as rope_native
 
 PROMPT, NEW = 32, 64
 BATCHES = [1, 8, 32]

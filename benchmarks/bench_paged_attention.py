@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.paged_attention import bytes_accessed, flops, native
+from capibara import kernels
+from capibara.kernels.paged_attention import bytes_accessed, flops, native
 
 B, CONTEXT, PAGE, HQ, HKV, D = 16, 4096, 16, 32, 8, 128
 PAGES_PER_SEQ = CONTEXT // PAGE

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.bit_views import to_bits
-from kernels.rope_kv_write import MAX_NATIVE_TOKENS, native, reference
+from capibara import kernels
+from capibara.kernels.bit_views import to_bits
+from capibara.kernels.rope_kv_write import MAX_NATIVE_TOKENS, native, reference
 
 LAYERS, HQ, HKV, D, PAGE, PAGES = 12, 12, 4, 64, 16, 49
 TOKENS = {"decode": 8, "prefill": 8 * 32}

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from kernels.testing import assert_close, tolerance
+from capibara.kernels.testing import assert_close, tolerance
 
 
 def pytest_collection_modifyitems(items):
@@ -59,7 +59,7 @@ def measure(benchmark):
             form a group, compared against the group's ``baseline=True`` row.
           flops: useful floating-point operations of one call (for GFLOP/s).
           expected: reference output to check against before timing (pytree).
-          tol_dtype, tol_scale: tolerance of the check (``kernels.testing``).
+          tol_dtype, tol_scale: tolerance of the check (``capibara.kernels.testing``).
           note: free text shown in the table's last column.
           peer: another library's row: a failed check is reported in the note ("CHECK
             FAILED ...", naming each output that is off and by how much) and the row is

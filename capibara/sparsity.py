@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from capibara.core.layers import Attention, Linear, SwiGLU
-from kernels.block_sparse import BlockSparseMatrix
+from capibara.kernels.block_sparse import BlockSparseMatrix
 
 TARGETS = ("mlp", "attention")
 
@@ -55,7 +55,7 @@ def sparsify(
 
     Each targeted ``Linear``'s ``[in, out]`` kernel keeps its ``round((1 - sparsity) ·
     num_blocks)`` blocks of largest Frobenius norm (``BlockSparseMatrix.prune``) and
-    from then on runs through ``kernels.block_sparse_matmul`` with the model's kernel
+    from then on runs through ``capibara.kernels.block_sparse_matmul`` with the model's kernel
     implementation. MoE experts are not targeted (they are grouped matmuls).
 
     Args:

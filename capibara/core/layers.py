@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
+from capibara import kernels
 from capibara.core.config import CapibaraConfig
-from kernels.bit_views import from_bits, to_bits
-from kernels.block_sparse import BlockLayout, BlockSparseMatrix
-from kernels.rope_kv_write.reference import rotate
+from capibara.kernels.bit_views import from_bits, to_bits
+from capibara.kernels.block_sparse import BlockLayout, BlockSparseMatrix
+from capibara.kernels.rope_kv_write.reference import rotate
 
 
 def dtype_of(name: str):
@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
 def matmul_f32(x, w, *, w_transposed: bool = False, implementation: str | None = None):
     """``x [..., k] @ w [k, n]`` (or ``w [n, k]`` if ``w_transposed``) -> f32 ``[..., n]``.
 
-    Inputs in their own dtype, accumulation in f32, through ``kernels.decode_matmul``:
+    Inputs in their own dtype, accumulation in f32, through ``capibara.kernels.decode_matmul``:
     on CPU the few-row bf16 products of decoding run its native kernel (about twice
     XLA's bf16 dot at batch 1), everything else XLA's dot. ``implementation`` is the
     model's setting: ``"xla"``/``"reference"`` pass through; ``"pallas"`` and ``None``
@@ -64,8 +64,8 @@ class Linear(nnx.Module):
 
     After ``capibara.sparsify`` the ``kernel`` parameter holds only the stored blocks
     ``[nnz, bk, bn]`` and ``sparse_layout`` (static, hashable) says where they sit; the
-    product runs through ``kernels.block_sparse_matmul``. Dense kernels go through
-    ``kernels.decode_matmul`` (XLA's dot; on CPU its native kernel for a few bf16 rows),
+    product runs through ``capibara.kernels.block_sparse_matmul``. Dense kernels go through
+    ``capibara.kernels.decode_matmul`` (XLA's dot; on CPU its native kernel for a few bf16 rows),
     stored ``[out, in]`` in an engine's serving copy (``use_out_in_layout``). Both
     accumulate in f32 and return ``compute_dtype``.
     """
@@ -86,7 +86,7 @@ class Linear(nnx.Module):
     def use_out_in_layout(self) -> None:
         """Stores a dense kernel as ``[out, in]`` (a transposed copy; no-op if sparse).
 
-        The layout ``kernels.decode_matmul``'s CPU kernel streams fastest (each output a
+        The layout ``capibara.kernels.decode_matmul``'s CPU kernel streams fastest (each output a
         dot product of two contiguous rows: ~25 % less time per decode step than
         ``[in, out]`` for the ``small`` model). For serving copies of a model
         (``capibara.core.inference``); checkpoints, sharding and sparsity read ``[in, out]``.
@@ -218,7 +218,7 @@ class PagedBatch:
 
 
 class Attention(nnx.Module):
-    """GQA self-attention through ``kernels.flash_attention`` (causal, RoPE)."""
+    """GQA self-attention through ``capibara.kernels.flash_attention`` (causal, RoPE)."""
 
     def __init__(self, config: CapibaraConfig, *, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.resolved_head_dim
@@ -265,9 +265,9 @@ class Attention(nnx.Module):
         layers of a step (they share frequencies).
 
         Writes every token's roped k and v into the page pools ``kv = (k_pages,
-        v_pages)``, each ``[Hkv, P, page_size, D]`` (``kernels.rope_kv_write``), then the
-        decode rows attend through ``kernels.paged_attention`` and the prefill rows
-        through ``kernels.paged_prefill_attention`` (causal within the chunk, onto the
+        v_pages)``, each ``[Hkv, P, page_size, D]`` (``capibara.kernels.rope_kv_write``), then the
+        decode rows attend through ``capibara.kernels.paged_attention`` and the prefill rows
+        through ``capibara.kernels.paged_prefill_attention`` (causal within the chunk, onto the
         cache).
         """
         n = x.shape[0]

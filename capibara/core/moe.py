@@ -28,8 +28,8 @@ from capibara.core.token_routers import (
     TokenRouter,
     TokenRouterConfig,
 )
-from kernels import _platform, moe
-from kernels.grouped_matmul import grouped_matmul
+from capibara.kernels import _platform, moe
+from capibara.kernels.grouped_matmul import grouped_matmul
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -83,7 +83,7 @@ def combine_weights(routing: Routing, num_experts: int) -> jax.Array:
 
 
 class MoEBlock(nnx.Module):
-    """Routed SwiGLU experts (plus optional shared experts) on ``kernels.grouped_matmul``.
+    """Routed SwiGLU experts (plus optional shared experts) on ``capibara.kernels.grouped_matmul``.
 
     Parameters: ``w_gate_up [E, d, 2f]`` (gate and up fused so one grouped matmul
     computes both), ``w_down [E, f, d]``, and for shared experts ``shared_gate_up

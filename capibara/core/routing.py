@@ -9,8 +9,8 @@ Routers (all ``route(inputs [..., d], context=None) -> Routing``):
 * ``DualProcessRouter`` (``mixture_of_depths.py``): Mixture-of-Depths, a token takes
   the full block or a fast path.
 
-``MoEBlock`` (``moe.py``) runs a router and SwiGLU experts on ``kernels.moe.permute``,
-``kernels.grouped_matmul`` and ``kernels.moe.unpermute``. The shared types
+``MoEBlock`` (``moe.py``) runs a router and SwiGLU experts on ``capibara.kernels.moe.permute``,
+``capibara.kernels.grouped_matmul`` and ``capibara.kernels.moe.unpermute``. The shared types
 (``Routing``, ``RoutingContext``, ``BaseRouter``) are in ``router_base.py``.
 
 Batch invariance

@@ -10,8 +10,8 @@ from flax import nnx
 from capibara.core.config import preset
 from capibara.core.layers import Linear
 from capibara.core.model import CapibaraModel
+from capibara.kernels.testing import assert_close
 from capibara.sparsity import sparsify
-from kernels.testing import assert_close
 
 
 def _model(**overrides):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import lowering
+from capibara.kernels import lowering
 
 
 @pytest.mark.parametrize("case", lowering.all_cases(), ids=lambda c: c.name)

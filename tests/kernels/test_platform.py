@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import _platform, block_sparse_matmul
-from kernels.block_sparse import BlockSparseMatrix
+from capibara.kernels import _platform, block_sparse_matmul
+from capibara.kernels.block_sparse import BlockSparseMatrix
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ prefill bucket (``EngineConfig.prefill_buckets``), so any workload compiles at m
 workload of 40 requests (prompts of 1-300 tokens, 1-100 new tokens, greedy and sampled,
 joining and leaving the batch) ran 340 steps on exactly 4 compilations.
 
-Prefill chunks attend to the cache through ``kernels.paged_prefill_attention`` (causal
+Prefill chunks attend to the cache through ``capibara.kernels.paged_prefill_attention`` (causal
 within the chunk, onto the pages already written), decode through
-``kernels.paged_attention``. Not served: Mixture-of-Depths layers and expert-choice
+``capibara.kernels.paged_attention``. Not served: Mixture-of-Depths layers and expert-choice
 routers (their routing is not causal); the engine refuses them with a ``ValueError``.
 """
 

@@ -1,7 +1,7 @@
 """The paged KV cache: device page pools and the host-side page bookkeeping.
 
 The device side is one ``(k_pages, v_pages)`` pair per layer, each ``[Hkv, P,
-page_size, D]`` (the layout of ``kernels.paged_attention``). The host side,
+page_size, D]`` (the layout of ``capibara.kernels.paged_attention``). The host side,
 ``PagePool``, owns which of the ``P`` pages are free: a free list and a reference
 count per page. A page is referenced by each running sequence whose page table holds
 it and by the prefix cache while it keeps it; it returns to the free list when the

@@ -32,8 +32,8 @@ from capibara.core.inference.sampling import SamplingBatch, sample
 from capibara.core.inference.scheduler import StepPlan
 from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.layers import PagedBatch, dtype_of
-from kernels.bit_views import from_bits, to_bits
-from kernels.decode_matmul import native as decode_matmul_native
+from capibara.kernels.bit_views import from_bits, to_bits
+from capibara.kernels.decode_matmul import native as decode_matmul_native
 
 
 class _Structure:
@@ -65,9 +65,9 @@ class _Structure:
 def _forward_and_sample(model, cache, tokens, batch: PagedBatch, sampling: SamplingBatch):
     """``(tokens int32 [R], new cache, expert load or None)``: one step, then sampling.
 
-    16-bit KV pools are kept as uint16 words between steps (``kernels.bit_views``):
+    16-bit KV pools are kept as uint16 words between steps (``capibara.kernels.bit_views``):
     XLA:CPU copies a whole pool at each bf16 <-> uint16 bitcast crossing the jit
-    boundary (or a loop's), and the KV writes (``kernels.rope_kv_write``) and the
+    boundary (or a loop's), and the KV writes (``capibara.kernels.rope_kv_write``) and the
     attention kernels take the words as they are. Stored as words, these bitcasts
     cancel inside the program and each layer writes in place."""
     dtype = dtype_of(model.config.compute_dtype)

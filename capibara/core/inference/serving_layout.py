@@ -1,7 +1,7 @@
 """The engine's copy of a model with its weights in the layout decoding reads fastest.
 
 A decode step multiplies a few rows by every weight, so it is bound by how fast the
-weights stream from memory. ``kernels.decode_matmul``'s CPU kernel streams a weight
+weights stream from memory. ``capibara.kernels.decode_matmul``'s CPU kernel streams a weight
 stored ``[out, in]`` (each output the dot product of two contiguous rows) faster than
 ``[in, out]``: on the 2-core development machine the ``small`` model's decode
 matmuls took 3.7 instead of 5.1 ms at batch 1, 4.7 instead of 5.9 ms at batch 8

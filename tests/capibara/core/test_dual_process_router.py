@@ -17,7 +17,7 @@ from capibara.core.routing import (
     DualProcessRouterConfig,
     RoutingContext,
 )
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 D = 16
 TRAIN = RoutingContext(training=True)

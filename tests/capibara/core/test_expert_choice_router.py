@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from capibara.core.routing import ExpertChoiceRouter, ExpertChoiceRouterConfig, RoutingContext
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 D = 16
 

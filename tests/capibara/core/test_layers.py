@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from capibara.core.layers import matmul_f32
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 
 def _normal(shape, dtype, seed):

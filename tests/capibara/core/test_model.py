@@ -10,7 +10,7 @@ from flax import nnx
 
 from capibara.core.config import preset
 from capibara.core.model import CapibaraModel
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 
 def _model(name="tiny", **overrides):

@@ -1,7 +1,7 @@
 """MoEBlock against its dense reference (every expert on every token, masked by the routing).
 
-The block runs on ``kernels.moe.permute`` + ``kernels.grouped_matmul`` +
-``kernels.moe.unpermute``; the reference on three dense einsums. Outputs and gradients
+The block runs on ``capibara.kernels.moe.permute`` + ``capibara.kernels.grouped_matmul`` +
+``capibara.kernels.moe.unpermute``; the reference on three dense einsums. Outputs and gradients
 of every parameter must agree, and dropless routing must be batch-invariant.
 """
 
@@ -22,7 +22,7 @@ from capibara.core.routing import (
     RoutingContext,
     TokenRouterConfig,
 )
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 D, FFN = 32, 24
 

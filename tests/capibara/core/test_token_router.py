@@ -23,7 +23,7 @@ from capibara.core.routing import (
     router_z_loss,
     switch_load_balancing_loss,
 )
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 D = 16
 

@@ -14,9 +14,9 @@ from capibara.core.config import preset
 from capibara.core.inference import EngineConfig, SamplingParams
 from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.model import CapibaraModel
+from capibara.kernels.decode_matmul import native as decode_matmul_native
+from capibara.kernels.testing import assert_close
 from capibara.sparsity import sparsify
-from kernels.decode_matmul import native as decode_matmul_native
-from kernels.testing import assert_close
 
 
 def _model(dtype: str, tie: bool):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import block_sparse_matmul
-from kernels.block_sparse import BlockLayout, BlockSizes, BlockSparseMatrix
+from capibara.kernels import block_sparse_matmul
+from capibara.kernels.block_sparse import BlockLayout, BlockSizes, BlockSparseMatrix
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import block_sparse_matmul
-from kernels.block_sparse import BlockSizes, BlockSparseMatrix, xla
-from kernels.testing import assert_close
+from capibara.kernels import block_sparse_matmul
+from capibara.kernels.block_sparse import BlockSizes, BlockSparseMatrix, xla
+from capibara.kernels.testing import assert_close
 
 # (name, implementation, interpret). pallas runs the TPU kernel in the Pallas TPU
 # interpreter, with scalar prefetch and VMEM scratch simulated.

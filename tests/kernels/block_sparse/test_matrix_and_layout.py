@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernels.block_sparse import BlockLayout, BlockSparseMatrix, metadata
+from capibara.kernels.block_sparse import BlockLayout, BlockSparseMatrix, metadata
 
 
 def test_from_dense_keeps_exactly_the_nonzero_blocks():

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import decode_matmul, native_build
-from kernels.decode_matmul import native
-from kernels.testing import assert_close
+from capibara.kernels import decode_matmul, native_build
+from capibara.kernels.decode_matmul import native
+from capibara.kernels.testing import assert_close
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -113,7 +113,7 @@ def _hlo(x, w, **kw):
 @needs_native
 @pytest.mark.parametrize("transposed", [False, True], ids=["kn", "nk"])
 def test_default_routes_few_bf16_rows_to_the_native_kernel(transposed):
-    from kernels.decode_matmul import max_native_rows
+    from capibara.kernels.decode_matmul import max_native_rows
 
     most = max_native_rows(transposed)
     x, w = _operands(most, 64, 32, transposed)

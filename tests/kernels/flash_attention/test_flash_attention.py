@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flash_inputs import make_qkv, make_segments
 
-from kernels import flash_attention
-from kernels.flash_attention import BlockSizes
-from kernels.testing import assert_close
+from capibara.kernels import flash_attention
+from capibara.kernels.flash_attention import BlockSizes
+from capibara.kernels.testing import assert_close
 
 # Small tiles: interpret-mode shapes stay small yet span several tiles.
 BLOCKS = BlockSizes(block_q=16, block_k=16, xla_block_q=16, xla_block_k=16)

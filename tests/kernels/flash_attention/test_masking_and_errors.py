@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flash_inputs import make_qkv
 
-from kernels import flash_attention
-from kernels.flash_attention import BlockSizes, MaskSpec, masks, pallas_tpu, xla
-from kernels.testing import assert_close
+from capibara.kernels import flash_attention
+from capibara.kernels.flash_attention import BlockSizes, MaskSpec, masks, pallas_tpu, xla
+from capibara.kernels.testing import assert_close
 
 BLOCKS = BlockSizes(block_q=16, block_k=16, xla_block_q=16, xla_block_k=16)
 IMPLS = [pytest.param("xla", id="xla"), pytest.param("pallas", id="pallas-interpret")]

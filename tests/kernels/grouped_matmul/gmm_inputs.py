@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from kernels.grouped_matmul import BlockSizes
+from capibara.kernels.grouped_matmul import BlockSizes
 
 # Small tiles: interpret-mode shapes stay small yet span several row tiles, so that
 # groups straddle tiles, share tiles, and skip tiles.

@@ -13,7 +13,7 @@ from gmm_inputs import group_sizes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.grouped_matmul import metadata
+from capibara.kernels.grouped_matmul import metadata
 
 
 @st.composite

@@ -27,8 +27,8 @@ from gmm_inputs import (
 )
 from hypothesis import HealthCheck, given, settings
 
-from kernels.grouped_matmul import BlockSizes, grouped_matmul, transposed_grouped_matmul
-from kernels.testing import assert_close
+from capibara.kernels.grouped_matmul import BlockSizes, grouped_matmul, transposed_grouped_matmul
+from capibara.kernels.testing import assert_close
 
 # name -> (m, k, n, group_sizes). BLOCKS tiles rows by 16 and k, n by 128.
 CASES = {

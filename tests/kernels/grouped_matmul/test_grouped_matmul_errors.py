@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from gmm_inputs import BLOCKS, IMPLS, call, forward_and_vjp, operands, scale
 
-from kernels.grouped_matmul import (
+from capibara.kernels.grouped_matmul import (
     BlockSizes,
     grouped_matmul,
     metadata,
     transposed_grouped_matmul,
 )
-from kernels.testing import assert_close
+from capibara.kernels.testing import assert_close
 
 M, K, N = 40, 64, 96
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import moe
-from kernels.grouped_matmul import grouped_matmul
-from kernels.testing import assert_close
+from capibara.kernels import moe
+from capibara.kernels.grouped_matmul import grouped_matmul
+from capibara.kernels.testing import assert_close
 
 
 def _routing(seed, t, k, num_experts, d=8):

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from paged_inputs import contiguous_cache, make_cache
 
-from kernels import native_build, paged_attention, paged_prefill_attention
-from kernels.paged_attention import BlockSizes, native, pallas_tpu
-from kernels.testing import assert_close
+from capibara.kernels import native_build, paged_attention, paged_prefill_attention
+from capibara.kernels.paged_attention import BlockSizes, native, pallas_tpu
+from capibara.kernels.testing import assert_close
 
 NATIVE_EXPECTED = jax.default_backend() == "cpu" and any(map(shutil.which, native_build.COMPILERS))
 
@@ -117,7 +117,7 @@ def check(shape_name, dtype, impl_kw, *, sliding_window=None, logits_soft_cap=No
 
 
 def loop_attention(q, k, v, lengths, *, scale, sliding_window, logits_soft_cap):
-    """float64 loops over the masking rule of ``kernels.paged_attention.common``."""
+    """float64 loops over the masking rule of ``capibara.kernels.paged_attention.common``."""
     b, s, hq, _ = q.shape
     g = hq // k.shape[2]
     out = np.zeros(q.shape, np.float64)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import paged_attention, paged_prefill_attention
-from kernels.paged_attention import BlockSizes, native
+from capibara.kernels import paged_attention, paged_prefill_attention
+from capibara.kernels.paged_attention import BlockSizes, native
 
 B, HQ, HKV, D, P, PAGE, PPS = 2, 4, 2, 64, 6, 8, 3
 

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import native_build, rope_kv_write
-from kernels.bit_views import from_bits, to_bits
-from kernels.rope_kv_write import MAX_NATIVE_TOKENS, native, reference
-from kernels.testing import assert_close
+from capibara.kernels import native_build, rope_kv_write
+from capibara.kernels.bit_views import from_bits, to_bits
+from capibara.kernels.rope_kv_write import MAX_NATIVE_TOKENS, native, reference
+from capibara.kernels.testing import assert_close
 
 NATIVE_EXPECTED = jax.default_backend() == "cpu" and any(map(shutil.which, native_build.COMPILERS))
 IMPLS = ["xla", "reference"] + (["native"] if NATIVE_EXPECTED else [])

@@ -1,0 +1,27 @@
+"""Capibara kernels: Pallas TPU kernels with XLA and reference implementations.
+
+Every op takes ``implementation=None | "pallas" | "xla" | "reference"``,
+``interpret=False`` and ``block_sizes=None``; see ``capibara/kernels/_platform.py`` for which
+implementation runs where.
+"""
+
+from capibara.kernels import moe
+from capibara.kernels.block_sparse import BlockSparseMatrix, block_sparse_matmul
+from capibara.kernels.decode_matmul import decode_matmul
+from capibara.kernels.flash_attention import flash_attention
+from capibara.kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
+from capibara.kernels.paged_attention import paged_attention, paged_prefill_attention
+from capibara.kernels.rope_kv_write import rope_kv_write
+
+__all__ = [
+    "BlockSparseMatrix",
+    "block_sparse_matmul",
+    "decode_matmul",
+    "flash_attention",
+    "grouped_matmul",
+    "moe",
+    "paged_attention",
+    "paged_prefill_attention",
+    "rope_kv_write",
+    "transposed_grouped_matmul",
+]

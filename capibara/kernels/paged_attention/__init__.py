@@ -1,0 +1,312 @@
+"""Paged attention: query tokens attending to a KV cache stored in fixed-size pages.
+
+    out = kernels.paged_attention(q, k_pages, v_pages, lengths, page_table)
+    # q [B, Hq, D]: one new token per sequence (decode) -> [B, Hq, D]
+
+    out = kernels.paged_prefill_attention(q, k_pages, v_pages, lengths, page_table)
+    # q [B, S, Hq, D]: the last S tokens of each sequence (chunked prefill, speculative
+    # verification), causal within the chunk -> [B, S, Hq, D]
+
+The cache: ``k_pages``/``v_pages [Hkv, P, page_size, D]`` are page pools shared by all
+sequences; ``page_table[b, j]`` is the pool page holding tokens
+``j*page_size .. (j+1)*page_size - 1`` of sequence ``b``; ``lengths[b]`` counts its
+cached tokens, *including* the ones being queried (write them to the cache first).
+Query ``j`` of a chunk of ``S`` sits at position ``lengths[b] - S + j``. Table entries
+at or past ``ceil(lengths[b] / page_size)`` (and, with a sliding window, before the
+window) are never used: they may hold anything, including out-of-range values.
+A sequence with fewer than ``S`` new tokens can be left-padded: a query slot at a
+negative position sees nothing and returns zeros, as does ``lengths[b] == 0``.
+
+GQA/MQA: ``Hq`` is a multiple of ``Hkv``; query head ``h`` reads kv head
+``h // (Hq // Hkv)`` (as ``jax.nn.dot_product_attention``), without repeating k/v.
+
+Implementations (``implementation=``):
+  * ``"reference"``: gather every page into a dense ``[B, Hkv, T, D]`` cache, then dense
+    masked attention in f32 at ``Precision.HIGHEST``; the oracle.
+  * ``"xla"``: one pass over the page table a few pages at a time with an online
+    softmax (no dense copy of the cache); loops only over blocks some sequence needs.
+    The GPU default, and CPU's where the native kernel is not built.
+  * ``"native"``: a C++ kernel for XLA:CPU (``paged_attention.cc``, XLA FFI custom
+    call): one call per layer, each task one (sequence, kv head, query tile) reading
+    only the keys its queries see, online softmax in f32. f32 and bf16; compiled on
+    first use with the local C++ compiler (``capibara.kernels.native_build``; without one
+    ``native.reason()`` says why and CPU runs ``"xla"``). The CPU default. Not a
+    Pallas kernel (Pallas does not target CPUs).
+  * ``"pallas"``: Mosaic TPU kernel, page table and lengths by scalar prefetch, pages
+    outside a sequence's range never fetched. The TPU default; ``interpret=True`` runs
+    it in the Pallas TPU interpreter anywhere. Checked on CPU in interpret mode and by
+    TPU lowering (``lowering_cases``); not yet run on TPU hardware.
+
+Not differentiable through ``"xla"``/``"pallas"`` (an inference op; the loop bounds
+depend on ``lengths``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from capibara.kernels import _platform
+from capibara.kernels.bit_views import from_bits
+from capibara.kernels.paged_attention import native, pallas_tpu, reference, xla
+from capibara.kernels.paged_attention.common import bytes_accessed, flops
+
+__all__ = [
+    "BlockSizes",
+    "bytes_accessed",
+    "flops",
+    "paged_attention",
+    "paged_prefill_attention",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Pages processed per step; both are clamped to ``pages_per_seq``.
+
+    Attributes:
+      pages_per_block: pages per grid step of the Pallas kernel (one DMA each; more
+        pages per step amortize the step overhead and feed the MXU larger tiles).
+      xla_pages_per_block: pages gathered per loop step of the ``"xla"`` path (small,
+        so a step's ``[Hkv, B, tokens, D]`` gather stays in cache).
+    """
+
+    pages_per_block: int = 8
+    xla_pages_per_block: int = 4
+
+    def __post_init__(self):
+        for name in ("pages_per_block", "xla_pages_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        return cls()
+
+
+def _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window):
+    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point, got {name}.dtype={x.dtype}")
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise TypeError(
+            "q, k_pages and v_pages must share a dtype, got "
+            f"{q.dtype=}, {k_pages.dtype=}, {v_pages.dtype=}"
+        )
+    for name, x in (("lengths", lengths), ("page_table", page_table)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer array, got {name}.dtype={x.dtype}")
+    if k_pages.ndim != 4:
+        raise ValueError(
+            f"k_pages must be [Hkv, P, page_size, D], got k_pages.shape={k_pages.shape}"
+        )
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(
+            f"k_pages and v_pages must have the same shape, got {k_pages.shape=}, {v_pages.shape=}"
+        )
+    batch, _, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, _, kv_head_dim = k_pages.shape
+    if head_dim != kv_head_dim:
+        raise ValueError(f"q and k_pages must share head_dim, got {q.shape=}, {k_pages.shape=}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the kv heads, got "
+            f"{num_q_heads=}, {num_kv_heads=}"
+        )
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [B]={batch}, got lengths.shape={lengths.shape}")
+    if page_table.ndim != 2 or page_table.shape[0] != batch:
+        raise ValueError(f"page_table must be [B={batch}, pages_per_seq], got {page_table.shape=}")
+    if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale=}")
+    if logits_soft_cap is not None and not (
+        isinstance(logits_soft_cap, int | float) and logits_soft_cap > 0
+    ):
+        raise ValueError(
+            f"logits_soft_cap must be a positive number or None, got {logits_soft_cap=}"
+        )
+    if sliding_window is not None and not (
+        isinstance(sliding_window, int)
+        and not isinstance(sliding_window, bool)
+        and sliding_window > 0
+    ):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window=}")
+
+
+def paged_prefill_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """The last ``S`` tokens of each sequence attend, causally, to its paged cache.
+
+    Args:
+      q: ``[B, S, Hq, D]``; query ``j`` sits at position ``lengths[b] - S + j``.
+      k_pages, v_pages: ``[Hkv, P, page_size, D]`` page pools, same dtype as ``q``;
+        16-bit pools may be passed as their ``uint16`` bits (``capibara.kernels.bit_views.to_bits``,
+        how a serving engine keeps them on CPU): XLA:CPU copies a whole pool to
+        hand a bf16 view of stored bits, or bits of a bf16 pool, to the native kernel.
+      lengths: ``int[B]`` cached tokens per sequence, the ``S`` queried ones included;
+        ``0 <= lengths[b] <= pages_per_seq * page_size`` (values, so not checked).
+      page_table: ``int[B, pages_per_seq]`` pool page of each page of each sequence;
+        entries not covering ``[0, lengths[b])`` are ignored (clipped, never used).
+      scale: logit scale; ``None`` = ``1/sqrt(D)``.
+      logits_soft_cap: ``c``: logits become ``c·tanh(logits/c)`` (after scaling).
+      sliding_window: ``w``: a query at position ``p`` sees keys ``p-w+1 .. p``.
+      implementation: ``None`` (best for the platform, chosen at lowering),
+        ``"pallas"``, ``"native"`` (CPU), ``"xla"`` or ``"reference"``.
+      interpret: run the Pallas kernel in the Pallas TPU interpreter.
+      block_sizes: ``BlockSizes``; ``None`` = default.
+
+    Returns:
+      ``[B, S, Hq, D]`` in ``q.dtype`` (f32 softmax and accumulation); zeros for a query
+      that sees no key.
+    """
+    q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
+    lengths, page_table = jnp.asarray(lengths), jnp.asarray(page_table)
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, S, Hq, D], got q.shape={q.shape}")
+    # The pools as given (bf16 may come as uint16 bits) go to the native kernel; the
+    # float view to everything else (a bitcast that cancels inside the program).
+    pools = (k_pages, v_pages)
+    k_pages, v_pages = (_float_view(p, q.dtype) for p in pools)
+    _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window)
+    block_sizes = block_sizes or BlockSizes.get_default()
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be BlockSizes, got {type(block_sizes).__name__}")
+    options = {
+        "scale": float(q.shape[-1] ** -0.5 if scale is None else scale),
+        "logits_soft_cap": None if logits_soft_cap is None else float(logits_soft_cap),
+        "sliding_window": sliding_window,
+    }
+    impls = {
+        "pallas": functools.partial(
+            pallas_tpu.paged_attention,
+            pages_per_block=block_sizes.pages_per_block,
+            interpret=interpret,
+            **options,
+        ),
+        "xla": functools.partial(
+            xla.paged_attention, pages_per_block=block_sizes.xla_pages_per_block, **options
+        ),
+        "reference": functools.partial(reference.paged_attention, **options),
+    }
+    if implementation == "native" or (implementation is None and not interpret):
+        why_not = _native_unusable(q.dtype)
+        if why_not is None:
+            native_run = functools.partial(native.paged_attention, **options)
+            impls["native"] = lambda q, _k, _v, *rest: native_run(q, *pools, *rest)
+        elif implementation == "native":
+            raise ValueError(f"paged_attention: implementation='native' unavailable: {why_not}")
+    run = _platform.dispatch("paged_attention", implementation, interpret, impls)
+    return run(q, k_pages, v_pages, lengths.astype(jnp.int32), page_table.astype(jnp.int32))
+
+
+def _float_view(pool, dtype):
+    """``pool`` as ``dtype``: a 16-bit pool passed as its ``uint16`` bits is viewed back."""
+    if pool.dtype == jnp.uint16 and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+        return from_bits(pool, dtype)
+    return pool
+
+
+def _native_unusable(dtype) -> str | None:
+    """Why the native kernel cannot serve inputs of ``dtype`` here (None: it can)."""
+    if dtype not in native.DTYPES:
+        return f"it takes f32 or bf16, got {dtype}"
+    return native.reason()
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Decode: one new token per sequence attends to its paged cache.
+
+    Args:
+      q: ``[B, Hq, D]``, the token at position ``lengths[b] - 1``.
+      k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window,
+        implementation, interpret, block_sizes: as in ``paged_prefill_attention``.
+
+    Returns:
+      ``[B, Hq, D]`` in ``q.dtype``; zeros where ``lengths[b] == 0``.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, Hq, D], got q.shape={q.shape}")
+    out = paged_prefill_attention(
+        q[:, None],
+        k_pages,
+        v_pages,
+        lengths,
+        page_table,
+        scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sliding_window=sliding_window,
+        implementation=implementation,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )
+    return out[:, 0]
+
+
+def lowering_cases():
+    """The Pallas kernel exported for TPU: bf16 GQA decode, f32 MHA decode with D = 80
+    and 8-token pages, and a windowed, soft-capped f32 chunk of 4 queries (see
+    ``capibara.kernels.lowering``)."""
+    from capibara.kernels.lowering import LoweringCase
+
+    def pages(dtype):
+        return jax.ShapeDtypeStruct((2, 64, 16, 128), dtype)
+
+    lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
+    table = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    decode = functools.partial(paged_attention, implementation="pallas")
+    chunk = functools.partial(
+        paged_prefill_attention,
+        implementation="pallas",
+        sliding_window=100,
+        logits_soft_cap=30.0,
+        block_sizes=BlockSizes(pages_per_block=4),
+    )
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    mha_pages = jax.ShapeDtypeStruct((4, 64, 8, 80), f32)  # page 8, D = 80
+    return [
+        LoweringCase(
+            "paged_attention.decode",
+            decode,
+            (jax.ShapeDtypeStruct((4, 8, 128), bf16), pages(bf16), pages(bf16), lengths, table),
+        ),
+        LoweringCase(
+            "paged_attention.decode(mha,d=80,f32)",
+            decode,
+            (jax.ShapeDtypeStruct((4, 4, 80), f32), mha_pages, mha_pages, lengths, table),
+        ),
+        LoweringCase(
+            "paged_attention.chunk(window,cap)",
+            chunk,
+            (jax.ShapeDtypeStruct((4, 4, 8, 128), f32), pages(f32), pages(f32), lengths, table),
+        ),
+    ]
