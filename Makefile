@@ -1,25 +1,31 @@
 # make test / make bench create .venv on first use and install the package with every
-# extra (tests compare against the same peers the benchmarks time).
+# extra (tests compare against the same peers the benchmarks time), at the exact
+# versions of requirements/lock.txt.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+LOCK_VENV := .venv-lock
 K ?=
+# Two workers: much of the interpret-mode time is single-threaded Python.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test bench lower lint format clean install
+.PHONY: test bench lower lint format clean install lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -c $(LOCK) pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[test,bench]'
 	touch $(STAMP)
 
 # Interpret-mode kernel tests, model tests and lowering checks, with line coverage.
 test: $(STAMP)
-	$(PY) -m pytest --cov=capibara --cov=kernels --cov-report=term $(if $(K),-k '$(K)') $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 --cov=capibara --cov-report=term \
+		$(if $(K),-k '$(K)') $(PYTEST_ARGS)
 
 # Benchmarks (pytest-benchmark cases in benchmarks/bench_*.py) -> one table + JSON.
 bench: $(STAMP)
@@ -27,7 +33,20 @@ bench: $(STAMP)
 
 # TPU lowering of every Pallas kernel from this host.
 lower: $(STAMP)
-	$(PY) -m kernels.lowering
+	$(PY) -m capibara.kernels.lowering
+
+# Re-resolve pyproject's ranges in a fresh venv, run the tests there, and only then
+# replace the lock. Run it when dependencies change or to move to newer releases.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } \
+		> $(LOCK).new
+	$(LOCK_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS)
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -38,5 +57,5 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage htmlcov .benchmarks
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache .coverage htmlcov .benchmarks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
