@@ -1,10 +1,10 @@
 """``MoEBlock``: a router, then SwiGLU experts run as grouped matmuls over sorted tokens.
 
     routing  = router.route(x)                                    # ids, weights [t, k]
-    x_sorted, group_sizes, order = kernels.moe.permute(x, ids)    # [t·k, d], by expert
+    x_sorted, group_sizes, order = capibara.kernels.moe.permute(x, ids)    # [t·k, d], by expert
     gate|up  = grouped_matmul(x_sorted, w_gate_up, group_sizes)   # [t·k, 2f]
     y_sorted = grouped_matmul(silu(gate)·up, w_down, group_sizes) # [t·k, d]
-    y        = kernels.moe.unpermute(y_sorted, order, weights)    # [t, d]
+    y        = capibara.kernels.moe.unpermute(y_sorted, order, weights)    # [t, d]
 
 plus, optionally, always-on shared experts (one dense SwiGLU over every token).
 

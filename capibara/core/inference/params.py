@@ -63,7 +63,7 @@ class EngineConfig:
     seed: int = 0  # draws the seed of requests that give none
     # Serve from an [out, in] copy of the dense weights (``serving_layout.py``): faster
     # bf16 decode steps on CPU, for the memory of that copy while the caller keeps its
-    # model. None: where kernels.decode_matmul's native kernel runs the model (CPU,
+    # model. None: where capibara.kernels.decode_matmul's native kernel runs the model (CPU,
     # bf16 compute, the kernel built); XLA's f32 dot is slower on that layout.
     out_in_weights: bool | None = None
 

@@ -1,7 +1,7 @@
 """Block-sparse matmul: a dense ``x [..., K]`` times a ``BlockSparseMatrix`` ``w [K, N]``.
 
-    w = kernels.BlockSparseMatrix.prune(dense_w, sparsity=0.9, block_shape=(128, 128))
-    y = kernels.block_sparse_matmul(x, w)          # [..., N]; differentiable in x and w
+    w = capibara.kernels.BlockSparseMatrix.prune(dense_w, sparsity=0.9, block_shape=(128, 128))
+    y = capibara.kernels.block_sparse_matmul(x, w)          # [..., N]; differentiable in x and w
 
 Implementations (``implementation=``):
   * ``"reference"``: ``x @ w.to_dense()``; the oracle.

@@ -1,7 +1,7 @@
 """Decode matmul: a few rows of activations times a 16-bit weight, f32 accumulation.
 
-    y = kernels.decode_matmul(x, w)                      # x [..., K] @ w [K, N] -> f32 [..., N]
-    y = kernels.decode_matmul(x, table, w_transposed=True)  # w [N, K], e.g. a tied vocab head
+    y = capibara.kernels.decode_matmul(x, w)  # x [..., K] @ w [K, N] -> f32 [..., N]
+    y = capibara.kernels.decode_matmul(x, table, w_transposed=True)  # w [N, K]: a tied head
 
 The products of a decode step (one new token per sequence, so as many rows as
 sequences) read every weight once per step: they are bound by the speed at which the

@@ -1,6 +1,6 @@
 """Flash attention: ``softmax(q kᵀ · scale) v`` without materializing the scores.
 
-    out = kernels.flash_attention(q, k, v, causal=True)        # [B, S, Hq, D]
+    out = capibara.kernels.flash_attention(q, k, v, causal=True)        # [B, S, Hq, D]
 
 Features: GQA/MQA (``Hq`` a multiple of ``Hkv``; k/v are never repeated in memory),
 ``S != T`` with causal aligned bottom-right (query ``i`` sits at key position

@@ -3,8 +3,8 @@
 Rows of ``lhs`` are sorted by group (expert); group ``g`` owns the next
 ``group_sizes[g]`` rows and multiplies them by its own weights ``rhs[g]``:
 
-    y = kernels.grouped_matmul(x_sorted, w, group_sizes)      # [m, k] x [E, k, n] -> [m, n]
-    dw = kernels.transposed_grouped_matmul(x_sorted, dy, group_sizes)   # -> [E, k, n]
+    y = capibara.kernels.grouped_matmul(x_sorted, w, group_sizes)  # [m, k] x [E, k, n] -> [m, n]
+    dw = capibara.kernels.transposed_grouped_matmul(x_sorted, dy, group_sizes)  # -> [E, k, n]
 
 ``grouped_matmul`` is differentiable in ``lhs`` and ``rhs``: ``d lhs`` is a grouped
 matmul with the transposed weights and ``d rhs`` is ``transposed_grouped_matmul``,

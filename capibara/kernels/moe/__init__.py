@@ -1,9 +1,9 @@
 """Token permutation for routed experts: sort tokens by expert, then scatter results back.
 
-    x_sorted, group_sizes, order = kernels.moe.permute(x, expert_ids, num_experts)
-    h = kernels.grouped_matmul(x_sorted, w_up, group_sizes)           # every expert's rows
+    x_sorted, group_sizes, order = capibara.kernels.moe.permute(x, expert_ids, num_experts)
+    h = capibara.kernels.grouped_matmul(x_sorted, w_up, group_sizes)           # every expert's rows
     ...
-    y = kernels.moe.unpermute(out_sorted, order, router_weights)      # [t, d]
+    y = capibara.kernels.moe.unpermute(out_sorted, order, router_weights)      # [t, d]
 
 ``permute`` copies each token once per chosen expert (``t * k`` rows), grouped by
 expert in ascending order, which is the layout ``grouped_matmul`` expects.

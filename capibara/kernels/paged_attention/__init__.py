@@ -1,9 +1,9 @@
 """Paged attention: query tokens attending to a KV cache stored in fixed-size pages.
 
-    out = kernels.paged_attention(q, k_pages, v_pages, lengths, page_table)
+    out = capibara.kernels.paged_attention(q, k_pages, v_pages, lengths, page_table)
     # q [B, Hq, D]: one new token per sequence (decode) -> [B, Hq, D]
 
-    out = kernels.paged_prefill_attention(q, k_pages, v_pages, lengths, page_table)
+    out = capibara.kernels.paged_prefill_attention(q, k_pages, v_pages, lengths, page_table)
     # q [B, S, Hq, D]: the last S tokens of each sequence (chunked prefill, speculative
     # verification), causal within the chunk -> [B, S, Hq, D]
 

@@ -1,6 +1,6 @@
 """RoPE and KV-cache write: a serving step's q and k rotated, its k and v stored.
 
-    q, k_pages, v_pages = kernels.rope_kv_write(
+    q, k_pages, v_pages = capibara.kernels.rope_kv_write(
         q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offsets)
 
 The step between the q/k/v projections and paged attention (what vLLM does with its
