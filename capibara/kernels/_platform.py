@@ -62,7 +62,12 @@ def interpret_params(interpret: bool):
     """
     from jax.experimental.pallas import tpu as pltpu  # only the kernels need Pallas
 
-    return pltpu.InterpretParams() if interpret else False
+    if not interpret:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if any(mesh.shape[a] > 1 for a in getattr(mesh, "manual_axes", ())):
+        return True
+    return pltpu.InterpretParams()
 
 
 def validate_implementation(implementation: str | None, *, native: bool = False) -> None:

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import _platform
+from capibara.kernels import _mesh, _platform
 from capibara.kernels.block_sparse import ops, reference
 from capibara.kernels.block_sparse.layout import BlockLayout
 from capibara.kernels.block_sparse.matrix import BlockSparseMatrix
@@ -119,6 +119,7 @@ def block_sparse_matmul(
 
     def padded_call(backend: str, x2d, blocks):
         # The kernels work on whole blocks: pad K with zeros, and (pallas) rows to a tile.
+        m = x2d.shape[0]  # this shard's rows under a mesh
         block_m = min(block_sizes.block_m, max(8, -(-m // 8) * 8))
         m_pad = -(-m // block_m) * block_m if backend == "pallas" else m
         xp = jnp.pad(x2d, ((0, m_pad - m), (0, kp - k)))
@@ -138,7 +139,11 @@ def block_sparse_matmul(
             "reference": reference_call,
         },
     )
-    return run(x2d, w.blocks).reshape(*batch_shape, n)
+    blocks = (None,) * w.blocks.ndim
+    out = _mesh.run_per_shard(
+        "block_sparse_matmul", run, (x2d, w.blocks), (("rows", None), blocks), ("rows", None)
+    )
+    return out.reshape(*batch_shape, n)
 
 
 def lowering_cases():

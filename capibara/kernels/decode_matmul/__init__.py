@@ -33,7 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import _platform
+from capibara.kernels import _mesh, _platform
 from capibara.kernels.decode_matmul import native, reference, xla
 
 __all__ = [
@@ -109,7 +109,11 @@ def decode_matmul(
     rows = x.reshape(-1, k)
     n = w.shape[0] if w_transposed else w.shape[1]
     fn = _pick(implementation, rows, w, w_transposed)
-    return fn(rows, w).reshape(*lead, n)
+    w_axes = ("cols", None) if w_transposed else (None, "cols")
+    out = _mesh.run_per_shard(
+        "decode_matmul", fn, (rows, w), (("rows", None), w_axes), ("rows", "cols")
+    )
+    return out.reshape(*lead, n)
 
 
 def _pick(implementation, rows, w, w_transposed):

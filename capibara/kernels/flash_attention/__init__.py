@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import _platform
+from capibara.kernels import _mesh, _platform
 from capibara.kernels.flash_attention import ops, reference
 from capibara.kernels.flash_attention.masks import MaskSpec
 
@@ -184,7 +184,16 @@ def flash_attention(
             "reference": reference_call,
         },
     )
-    return run(q, k, v, q_seg, kv_seg)
+    heads = ("batch", None, "heads", None)
+    kv_heads = ("batch", None, "kv_heads", None)
+    segments = ("batch", None)
+    return _mesh.run_per_shard(
+        "flash_attention",
+        run,
+        (q, k, v, q_seg, kv_seg),
+        (heads, kv_heads, kv_heads, segments, segments),
+        heads,
+    )
 
 
 def lowering_cases():

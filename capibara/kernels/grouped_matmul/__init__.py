@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capibara.kernels import _platform
+from capibara.kernels import _mesh, _platform
 from capibara.kernels.grouped_matmul import ops, reference
 from capibara.kernels.grouped_matmul.pallas_tpu import BlockSizes
 
@@ -170,7 +170,27 @@ def grouped_matmul(
     run = _platform.dispatch(
         "grouped_matmul", implementation, interpret, _impls(op, ref, block_sizes, interpret)
     )
-    return run(lhs, rhs, group_sizes)
+
+    def per_expert_shard(resolved, lhs, rhs, group_sizes, local_sizes):
+        # This shard's experts own one contiguous run of rows: roll it to the top, run
+        # the local groups (the other rows come out zero), roll back, sum the shards.
+        axis = resolved.get("experts")
+        if axis is None:
+            return run(lhs, rhs, local_sizes)
+        first = _mesh.shard_offset(resolved, "experts", local_sizes.shape[0])
+        offset = jnp.sum(jnp.where(jnp.arange(num_groups) < first, group_sizes, 0))
+        out = run(jnp.roll(lhs, -offset, axis=0), rhs, local_sizes)
+        return jax.lax.psum(jnp.roll(out, offset, axis=0), axis)
+
+    w_axes = ("experts", "cols", None) if transpose_rhs else ("experts", None, "cols")
+    return _mesh.run_per_shard(
+        "grouped_matmul",
+        lambda lhs, rhs, group_sizes, _: run(lhs, rhs, group_sizes),
+        (lhs, rhs, group_sizes, group_sizes),
+        ((None, None), w_axes, (None,), ("experts",)),
+        (None, "cols"),
+        body=per_expert_shard,
+    )
 
 
 def transposed_grouped_matmul(
@@ -217,7 +237,24 @@ def transposed_grouped_matmul(
         interpret,
         _impls(ops.tgmm, reference.transposed_grouped_matmul, block_sizes, interpret),
     )
-    return run(lhs, rhs, group_sizes)
+
+    def per_expert_shard(resolved, lhs, rhs, group_sizes, local_sizes):
+        # As in grouped_matmul: this shard's rows rolled to the top, its groups only.
+        if resolved.get("experts") is None:
+            return run(lhs, rhs, local_sizes)
+        first = _mesh.shard_offset(resolved, "experts", local_sizes.shape[0])
+        offset = jnp.sum(jnp.where(jnp.arange(num_groups) < first, group_sizes, 0))
+        roll = functools.partial(jnp.roll, shift=-offset, axis=0)
+        return run(roll(lhs), roll(rhs), local_sizes)
+
+    return _mesh.run_per_shard(
+        "transposed_grouped_matmul",
+        lambda lhs, rhs, group_sizes, _: run(lhs, rhs, group_sizes),
+        (lhs, rhs, group_sizes, group_sizes),
+        ((None, None), (None, "cols"), (None,), ("experts",)),
+        ("experts", None, "cols"),
+        body=per_expert_shard,
+    )
 
 
 def lowering_cases():

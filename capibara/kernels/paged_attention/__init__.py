@@ -50,7 +50,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import _platform
+from capibara.kernels import _mesh, _platform
 from capibara.kernels.bit_views import from_bits
 from capibara.kernels.paged_attention import native, pallas_tpu, reference, xla
 from capibara.kernels.paged_attention.common import bytes_accessed, flops
@@ -180,11 +180,16 @@ def paged_prefill_attention(
     lengths, page_table = jnp.asarray(lengths), jnp.asarray(page_table)
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S, Hq, D], got q.shape={q.shape}")
-    # The pools as given (bf16 may come as uint16 bits) go to the native kernel; the
-    # float view to everything else (a bitcast that cancels inside the program).
-    pools = (k_pages, v_pages)
-    k_pages, v_pages = (_float_view(p, q.dtype) for p in pools)
-    _validate(q, k_pages, v_pages, lengths, page_table, scale, logits_soft_cap, sliding_window)
+    _validate(
+        q,
+        _float_view(k_pages, q.dtype),
+        _float_view(v_pages, q.dtype),
+        lengths,
+        page_table,
+        scale,
+        logits_soft_cap,
+        sliding_window,
+    )
     block_sizes = block_sizes or BlockSizes.get_default()
     if not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be BlockSizes, got {type(block_sizes).__name__}")
@@ -193,27 +198,48 @@ def paged_prefill_attention(
         "logits_soft_cap": None if logits_soft_cap is None else float(logits_soft_cap),
         "sliding_window": sliding_window,
     }
+    # The pools as given (bf16 may come as uint16 bits) go to the native kernel; the
+    # float view to everything else (a bitcast that cancels inside the program).
     impls = {
-        "pallas": functools.partial(
-            pallas_tpu.paged_attention,
-            pages_per_block=block_sizes.pages_per_block,
-            interpret=interpret,
-            **options,
+        "pallas": _on_float_pools(
+            functools.partial(
+                pallas_tpu.paged_attention,
+                pages_per_block=block_sizes.pages_per_block,
+                interpret=interpret,
+                **options,
+            )
         ),
-        "xla": functools.partial(
-            xla.paged_attention, pages_per_block=block_sizes.xla_pages_per_block, **options
+        "xla": _on_float_pools(
+            functools.partial(
+                xla.paged_attention, pages_per_block=block_sizes.xla_pages_per_block, **options
+            )
         ),
-        "reference": functools.partial(reference.paged_attention, **options),
+        "reference": _on_float_pools(functools.partial(reference.paged_attention, **options)),
     }
     if implementation == "native" or (implementation is None and not interpret):
         why_not = _native_unusable(q.dtype)
         if why_not is None:
-            native_run = functools.partial(native.paged_attention, **options)
-            impls["native"] = lambda q, _k, _v, *rest: native_run(q, *pools, *rest)
+            impls["native"] = functools.partial(native.paged_attention, **options)
         elif implementation == "native":
             raise ValueError(f"paged_attention: implementation='native' unavailable: {why_not}")
     run = _platform.dispatch("paged_attention", implementation, interpret, impls)
-    return run(q, k_pages, v_pages, lengths.astype(jnp.int32), page_table.astype(jnp.int32))
+    pool = ("kv_heads", None, None, None)
+    return _mesh.run_per_shard(
+        "paged_attention",
+        run,
+        (q, k_pages, v_pages, lengths.astype(jnp.int32), page_table.astype(jnp.int32)),
+        (("batch", None, "heads", None), pool, pool, ("batch",), ("batch", None)),
+        ("batch", None, "heads", None),
+    )
+
+
+def _on_float_pools(fn):
+    """``fn`` taking the pools as floats, called with the pools as given."""
+
+    def call(q, k_pages, v_pages, *rest):
+        return fn(q, _float_view(k_pages, q.dtype), _float_view(v_pages, q.dtype), *rest)
+
+    return call
 
 
 def _float_view(pool, dtype):

@@ -33,7 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import _platform
+from capibara.kernels import _mesh, _platform
 from capibara.kernels.rope_kv_write import native, reference
 
 __all__ = ["IMPLEMENTATIONS", "MAX_NATIVE_TOKENS", "rope_kv_write"]
@@ -87,7 +87,29 @@ def rope_kv_write(
             impls["native"] = native.rope_kv_write
         elif implementation == "native":
             raise ValueError(f"rope_kv_write: implementation='native' unavailable: {why_not}")
-    return _platform.dispatch("rope_kv_write", implementation, False, impls)(*args)
+    run = _platform.dispatch("rope_kv_write", implementation, False, impls)
+    tokens = (None,) * (q.ndim - 2)
+    pool = ("kv_heads", None, None, None)
+    # Heads split over the model axis; the tokens and the write slots are replicated
+    # (a pool shard must receive every token's k and v for its heads).
+    return _mesh.run_per_shard(
+        "rope_kv_write",
+        run,
+        args,
+        (
+            (*tokens, "heads", None),
+            (None, "kv_heads", None),
+            (None, "kv_heads", None),
+            (None, None),
+            (None, None),
+            pool,
+            pool,
+            (None,),
+            (None,),
+        ),
+        ((*tokens, "heads", None), pool, pool),
+        attention=False,
+    )
 
 
 def _validate(q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offsets) -> None:
