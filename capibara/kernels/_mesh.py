@@ -143,17 +143,16 @@ def resolve(
                 stacklevel=4,
             )
     tied = tie_heads and resolved.get("heads") and "kv_heads" in sizes
-    if tied and not resolved.get("kv_heads"):
-        if sizes["kv_heads"] != {1}:
-            # Split query heads would meet the wrong kv heads: keep them whole too.
-            resolved["heads"] = None
-            warnings.warn(
-                f"{op_name}: {sorted(sizes['kv_heads'])} kv heads cannot be split over "
-                f"{axes[LOGICAL_TO_MESH['kv_heads']]} shards (nor repeated to them); "
-                f"computing attention replicated over {LOGICAL_TO_MESH['heads']!r}",
-                MeshLayoutWarning,
-                stacklevel=4,
-            )
+    if tied and not resolved.get("kv_heads") and sizes["kv_heads"] != {1}:
+        # Split query heads would meet the wrong kv heads: keep them whole too.
+        resolved["heads"] = None
+        warnings.warn(
+            f"{op_name}: {sorted(sizes['kv_heads'])} kv heads cannot be split over "
+            f"{axes[LOGICAL_TO_MESH['kv_heads']]} shards (nor repeated to them); "
+            f"computing attention replicated over {LOGICAL_TO_MESH['heads']!r}",
+            MeshLayoutWarning,
+            stacklevel=4,
+        )
     return resolved
 
 

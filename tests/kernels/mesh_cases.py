@@ -45,30 +45,42 @@ def normal(key, shape):
     return jax.random.normal(jax.random.key(key), shape, jnp.float32)
 
 
+def sin_loss(f):
+    """A scalar loss of ``f``'s output with a non-trivial cotangent."""
+    return lambda *args: jnp.sum(jnp.sin(f(*args)))
+
+
 def flash_cases():
     mesh = mesh_of((2, 4), ("data", "model"))
-    for hkv in (8, 2, 1):
-        q, k, v = normal(0, (2, 48, 8, 32)), normal(1, (2, 48, hkv, 32)), normal(2, (2, 48, hkv, 32))
-        seg = jnp.asarray(np.repeat([[0] * 20 + [1] * 28], 2, axis=0), jnp.int32)
+    seg = jnp.asarray(np.repeat([[0] * 20 + [1] * 28], 2, axis=0), jnp.int32)
+    seg_placed = put(seg, mesh, "data")
 
-        def ref(q, k, v):
-            return kernels.flash_attention(
-                q, k, v, causal=True, segment_ids=(seg, seg), implementation="reference"
-            )
+    def ref(q, k, v):
+        return kernels.flash_attention(
+            q, k, v, causal=True, segment_ids=(seg, seg), implementation="reference"
+        )
+
+    for hkv in (8, 2, 1):
+        q, k, v = (
+            normal(0, (2, 48, 8, 32)),
+            normal(1, (2, 48, hkv, 32)),
+            normal(2, (2, 48, hkv, 32)),
+        )
 
         args = (put(q, mesh, "data", None, "model"), put(k, mesh, "data"), put(v, mesh, "data"))
         for name, kw in (("interpret", {"interpret": True}), ("xla", {"implementation": "xla"})):
 
             def op(q, k, v, kw=kw):
-                s = put(seg, mesh, "data")
-                return kernels.flash_attention(q, k, v, causal=True, segment_ids=(s, s), **kw)
+                segs = (seg_placed, seg_placed)
+                return kernels.flash_attention(q, k, v, causal=True, segment_ids=segs, **kw)
 
             out = jax.jit(op)(*args)
             RESULTS[f"flash hkv={hkv} {name} fwd"] = err(out, ref(q, k, v))
             RESULTS[f"flash hkv={hkv} {name} out spec"] = str(out.sharding.spec)
-            loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(f(q, k, v)))  # noqa: E731
-            grads = jax.jit(jax.grad(loss(op), argnums=(0, 1, 2)))(*args)
-            RESULTS[f"flash hkv={hkv} {name} grads"] = err(grads, jax.grad(loss(ref), (0, 1, 2))(q, k, v))
+            grads = jax.jit(jax.grad(sin_loss(op), argnums=(0, 1, 2)))(*args)
+            RESULTS[f"flash hkv={hkv} {name} grads"] = err(
+                grads, jax.grad(sin_loss(ref), (0, 1, 2))(q, k, v)
+            )
     # 6 heads / 3 kv heads do not split over 4 model shards: replicated, with a warning.
     q, k, v = normal(3, (2, 16, 6, 32)), normal(4, (2, 16, 3, 32)), normal(5, (2, 16, 3, 32))
     with warnings.catch_warnings(record=True) as caught:
@@ -93,7 +105,9 @@ def paged_cases():
         table = jnp.asarray(rng.permutation(pages)[: b * 4].reshape(b, 4), jnp.int32)
         lengths = jnp.asarray([5, 17, 32, 3], jnp.int32)
         q = normal(8, (b, s, hq, d))
-        want = kernels.paged_prefill_attention(q, kp, vp, lengths, table, implementation="reference")
+        want = kernels.paged_prefill_attention(
+            q, kp, vp, lengths, table, implementation="reference"
+        )
         placed = (
             put(q, mesh, "data", None, "model"),
             put(kp, mesh, "model" if hkv % 4 == 0 else None),
@@ -101,12 +115,17 @@ def paged_cases():
             put(lengths, mesh, "data"),
             put(table, mesh, "data"),
         )
-        for name, kw in (("interpret", {"interpret": True}), ("xla", {"implementation": "xla"}), ("default", {})):
+        for name, kw in (
+            ("interpret", {"interpret": True}),
+            ("xla", {"implementation": "xla"}),
+            ("default", {}),
+        ):
             out = jax.jit(lambda *a, kw=kw: kernels.paged_prefill_attention(*a, **kw))(*placed)
             RESULTS[f"paged prefill hkv={hkv} {name}"] = err(out, want)
         dec = jax.jit(lambda q, *a: kernels.paged_attention(q[:, -1], *a, interpret=True))(*placed)
         RESULTS[f"paged decode hkv={hkv} interpret"] = err(
-            dec, kernels.paged_attention(q[:, -1], kp, vp, lengths, table, implementation="reference")
+            dec,
+            kernels.paged_attention(q[:, -1], kp, vp, lengths, table, implementation="reference"),
         )
 
 
@@ -120,7 +139,15 @@ def rope_kv_write_cases():
     wp, wo = jnp.asarray([0, 0, 1, 3, 4, 2], jnp.int32), jnp.asarray([0, 1, 3, 2, 0, 1], jnp.int32)
     want = kernels.rope_kv_write(q, k, v, cos, sin, kp, vp, wp, wo, implementation="reference")
     out = jax.jit(lambda *a: kernels.rope_kv_write(*a))(
-        put(q, mesh, None, "model"), k, v, cos, sin, put(kp, mesh, "model"), put(vp, mesh, "model"), wp, wo
+        put(q, mesh, None, "model"),
+        k,
+        v,
+        cos,
+        sin,
+        put(kp, mesh, "model"),
+        put(vp, mesh, "model"),
+        wp,
+        wo,
     )
     RESULTS["rope_kv_write default"] = err(out, want)
     RESULTS["rope_kv_write pool spec"] = str(out[1].sharding.spec)
@@ -143,13 +170,12 @@ def grouped_matmul_cases():
         out = jax.jit(op)(*placed)
         RESULTS[f"gmm {name} fwd"] = err(out, ref(lhs, rhs))
         RESULTS[f"gmm {name} out spec"] = str(out.sharding.spec)
-        loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
-        grads = jax.jit(jax.grad(loss(op), argnums=(0, 1)))(*placed)
-        RESULTS[f"gmm {name} grads"] = err(grads, jax.grad(loss(ref), (0, 1))(lhs, rhs))
+        grads = jax.jit(jax.grad(sin_loss(op), argnums=(0, 1)))(*placed)
+        RESULTS[f"gmm {name} grads"] = err(grads, jax.grad(sin_loss(ref), (0, 1))(lhs, rhs))
         rhs_t = jnp.swapaxes(rhs, 1, 2)
-        out = jax.jit(lambda a, b, kw=kw: kernels.grouped_matmul(a, b, sizes, transpose_rhs=True, **kw))(
-            lhs, put(rhs_t, mesh, "expert", "model")
-        )
+        out = jax.jit(
+            lambda a, b, kw=kw: kernels.grouped_matmul(a, b, sizes, transpose_rhs=True, **kw)
+        )(lhs, put(rhs_t, mesh, "expert", "model"))
         RESULTS[f"gmm {name} transpose_rhs"] = err(out, ref(lhs, rhs))
         dy = normal(17, (m, n))
         out = jax.jit(lambda a, b, kw=kw: kernels.transposed_grouped_matmul(a, b, sizes, **kw))(
@@ -180,7 +206,9 @@ def block_sparse_cases():
             )
             return jnp.sum(jnp.sin(y)), y
 
-        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(put(x, mesh, "data"), w.blocks)
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            put(x, mesh, "data"), w.blocks
+        )
         want = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(x, w.blocks)
         RESULTS[f"block_sparse {name} fwd"] = err(got[0][1], want[0][1])
         RESULTS[f"block_sparse {name} grads"] = err(got[1], want[1])
@@ -189,8 +217,12 @@ def block_sparse_cases():
 def decode_matmul_cases():
     mesh = mesh_of((2, 4), ("data", "model"))
     x, w = normal(20, (4, 64)).astype(jnp.bfloat16), normal(21, (64, 96)).astype(jnp.bfloat16)
-    out = jax.jit(lambda x, w: kernels.decode_matmul(x, w))(put(x, mesh, "data"), put(w, mesh, None, "model"))
-    RESULTS["decode_matmul default"] = err(out, kernels.decode_matmul(x, w, implementation="reference"))
+    out = jax.jit(lambda x, w: kernels.decode_matmul(x, w))(
+        put(x, mesh, "data"), put(w, mesh, None, "model")
+    )
+    RESULTS["decode_matmul default"] = err(
+        out, kernels.decode_matmul(x, w, implementation="reference")
+    )
 
 
 def nested_and_context_cases():
@@ -230,7 +262,9 @@ def tpu_export_cases():
     for name, (fn, args) in programs.items():
         exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
         text = exported.mlir_module()
-        RESULTS[f"tpu export {name}"] = f"{text.count('tpu_custom_call')} mosaic calls, {exported.nr_devices} devices"
+        RESULTS[f"tpu export {name}"] = (
+            f"{text.count('tpu_custom_call')} mosaic calls, {exported.nr_devices} devices"
+        )
 
 
 if __name__ == "__main__":
