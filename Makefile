@@ -37,6 +37,7 @@ bench: $(STAMP)
 # TPU lowering of every Pallas kernel from this host.
 lower: $(STAMP)
 	$(PY) -m capibara.kernels.lowering
+	XLA_FLAGS=--xla_force_host_platform_device_count=32 $(PY) -m capibara.mesh_lowering
 
 # Re-resolve pyproject's ranges in a fresh venv, run the tests there, and only then
 # replace the lock. Run it when dependencies change or to move to newer releases.

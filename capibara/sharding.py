@@ -6,9 +6,10 @@ and vocabulary -> ``model``; experts -> ``expert``. A dimension stays replicated
 its mesh axis is absent from the mesh or does not divide it. Activations follow by
 GSPMD propagation under ``jax.jit`` (the batch is sharded with ``batch_sharding``).
 
-Kernels: the ``xla`` and ``reference`` implementations partition automatically. A
-Pallas kernel is one custom call that XLA cannot split, so it runs replicated unless
-wrapped in ``shard_map`` (not done here yet): shard with ``implementation="xla"``.
+Kernels: every op finds the mesh on its inputs and runs per shard through
+``shard_map`` (``capibara.kernels._mesh``), so the Pallas kernels (which XLA cannot
+partition) and the native CPU kernels work under a sharded ``jit`` with any
+implementation; the rest of the model is partitioned by GSPMD.
 
 Multi-host: call ``jax.distributed.initialize()`` on every host before building the
 mesh from ``jax.devices()`` (all hosts' devices); nothing else changes.

@@ -1,0 +1,42 @@
+"""``make lower``'s sharded rows: the tiny-moe forward and training gradients export for
+TPU on a (4, 8) mesh of 32 CPU devices (subprocess: XLA fixes the device count at start)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_the_model_exports_for_tpu_on_a_4x8_mesh():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "capibara.mesh_lowering"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("tiny-moe")]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        assert " 32 " in row and "ok (" in row, row
+        # Parameters split: device 0 holds well under all of them.
+        held, total = (
+            int(x.replace(",", "")) for x in row.split("params ")[1].split(" B")[0].split(" of ")
+        )
+        assert held < total / 4, row
+
+
+def test_too_few_devices_is_a_clear_error():
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "capibara.mesh_lowering"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "needs 32 devices, found 1" in proc.stdout
