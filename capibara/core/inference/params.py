@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+
 
 class QueueFullError(RuntimeError):
     """The waiting queue holds ``EngineConfig.max_waiting`` requests: retry later."""
@@ -66,6 +68,11 @@ class EngineConfig:
     # model. None: where capibara.kernels.decode_matmul's native kernel runs the model (CPU,
     # bf16 compute, the kernel built); XLA's f32 dot is slower on that layout.
     out_in_weights: bool | None = None
+    # Serve tensor/data-parallel on this ``jax.sharding.Mesh`` (axes ``data``/``model``):
+    # the model is placed with ``capibara.shard`` unless it already is, and the KV pools
+    # are split over kv heads on ``model``. None: the model's own mesh if its parameters
+    # are placed on one, else one device.
+    mesh: object | None = None
 
     def __post_init__(self):
         for name, minimum in (
@@ -88,6 +95,10 @@ class EngineConfig:
             )
         if not isinstance(self.prefix_cache, bool):
             raise TypeError(f"EngineConfig.prefix_cache must be a bool, got {self.prefix_cache!r}")
+        if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
+            raise TypeError(
+                f"EngineConfig.mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}"
+            )
         if self.out_in_weights is not None and not isinstance(self.out_in_weights, bool):
             raise TypeError(
                 f"EngineConfig.out_in_weights must be a bool or None, got {self.out_in_weights!r}"

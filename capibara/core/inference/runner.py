@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from capibara.core.inference.kv_cache import SCRATCH_PAGE, allocate_cache
 from capibara.core.inference.params import EngineConfig
@@ -34,6 +35,7 @@ from capibara.core.inference.serving_layout import out_in_copy
 from capibara.core.layers import PagedBatch, dtype_of
 from capibara.kernels.bit_views import from_bits, to_bits
 from capibara.kernels.decode_matmul import native as decode_matmul_native
+from capibara.sharding import shard
 
 
 class _Structure:
@@ -166,19 +168,51 @@ def _serves_out_in(config: EngineConfig, model_config) -> bool:
     )
 
 
+def _serving_mesh(model, config: EngineConfig):
+    """The mesh the engine serves on (placing the model there if it is not yet), or None."""
+    placed = [
+        leaf.sharding.mesh
+        for leaf in jax.tree.leaves(nnx.state(model))
+        if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding)
+    ]
+    own = next((m for m in placed if m.size > 1), None)
+    if config.mesh is None:
+        return own
+    if own is None:
+        shard(model, config.mesh)
+    elif own != config.mesh:
+        raise ValueError(
+            f"EngineConfig.mesh {dict(config.mesh.shape)} differs from the mesh the model's "
+            f"parameters are placed on {dict(own.shape)}"
+        )
+    return config.mesh
+
+
+def pool_sharding(mesh, num_kv_heads: int) -> NamedSharding:
+    """KV pools ``[Hkv, pages, page_size, D]`` split over kv heads on ``model`` (when it
+    divides them; else replicated, and the kernels repeat the heads they need)."""
+    model_axis = mesh.shape.get("model", 1)
+    split = model_axis > 1 and num_kv_heads % model_axis == 0
+    return NamedSharding(mesh, PartitionSpec("model" if split else None))
+
+
 class ModelRunner:
     """Owns the device state (parameters, KV cache) and runs ``StepPlan`` s."""
 
     def __init__(self, model, config: EngineConfig):
         self.config = config
         self.model_config = model.config
-        if _serves_out_in(config, model.config):
+        self.mesh = _serving_mesh(model, config)
+        if _serves_out_in(config, model.config) and self.mesh is None:
             model = out_in_copy(model)
         self.model = model  # what the steps run (its arrays are the leaves below)
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self.structure = _Structure(graphdef, treedef)
         pools = allocate_cache(model.config, config.num_pages, config.page_size)
+        if self.mesh is not None:
+            placement = pool_sharding(self.mesh, model.config.num_kv_heads)
+            pools = [tuple(jax.device_put(p, placement) for p in kv) for kv in pools]
         self.cache = [tuple(to_bits(p) for p in kv) for kv in pools]
         # Step shapes this engine has run: each is compiled once per process (or found
         # in jit's cache when another engine compiled it first).
