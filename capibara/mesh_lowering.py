@@ -4,12 +4,14 @@
 ``XLA_FLAGS=--xla_force_host_platform_device_count=32`` (32 CPU devices stand in for a
 v4-32 slice; ``jax.export`` lowers for TPU without one). Each row exports the
 ``tiny-moe`` forward or the gradient of its training loss with the parameters placed
-by ``capibara.shard`` and prints the Mosaic calls in the exported module and the
-parameter bytes one device holds.
+by ``capibara.shard``, then the ``llama-3-8b`` and ``mixtral-8x7b`` forwards from
+abstract inputs, and prints the Mosaic calls in the exported module and the parameter
+bytes one device holds.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -17,14 +19,18 @@ import warnings
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from capibara.core.config import preset
 from capibara.core.model import CapibaraModel
 from capibara.kernels._mesh import MeshLayoutWarning
-from capibara.sharding import batch_sharding, make_mesh, shard
+from capibara.sharding import batch_sharding, make_mesh, partition_spec, shard
 from capibara.training import next_token_loss
 
 MESH_SHAPE = (4, 8)
+V4_HBM_BYTES = 32 * 2**30  # one TPU v4 chip
+ABSTRACT_MODELS = ("llama-3-8b", "mixtral-8x7b")
+ABSTRACT_TOKENS = (8, 2048)  # batch 8 over "data", 2048 positions
 
 
 def exported_rows(config_name: str = "tiny-moe") -> list[tuple[str, str, str, str]]:
@@ -62,6 +68,49 @@ def exported_rows(config_name: str = "tiny-moe") -> list[tuple[str, str, str, st
     return rows
 
 
+def abstract_rows(names=ABSTRACT_MODELS) -> list[tuple[str, str, str, str]]:
+    """The full-size forwards exported for TPU from ``jax.ShapeDtypeStruct`` inputs
+    carrying ``capibara.shard``'s placements: no weight is ever materialized."""
+    mesh = make_mesh(MESH_SHAPE)
+    rows = []
+    for name in names:
+        start, devices = time.perf_counter(), "-"
+        config = preset(name)
+        graphdef, state = nnx.split(
+            nnx.eval_shape(lambda c=config: CapibaraModel(c, rngs=nnx.Rngs(0)))
+        )
+        placed, local, total = [], 0, 0
+        for path, value in nnx.to_flat_state(state):
+            sharding = NamedSharding(
+                mesh, partition_spec(".".join(map(str, path)), value.shape, mesh)
+            )
+            placed.append((path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)))
+            local += math.prod(sharding.shard_shape(value.shape)) * value.dtype.itemsize
+            total += math.prod(value.shape) * value.dtype.itemsize
+        tokens = jax.ShapeDtypeStruct(ABSTRACT_TOKENS, jnp.int32, sharding=batch_sharding(mesh))
+
+        def forward(state, tokens, graphdef=graphdef):
+            return nnx.merge(graphdef, state)(tokens)[0]
+
+        try:
+            exported = jax.export.export(jax.jit(forward), platforms=["tpu"])(
+                nnx.from_flat_state(placed), tokens
+            )
+            calls = exported.mlir_module().count("tpu_custom_call")
+            devices = str(exported.nr_devices)
+            fits = "fits" if local < V4_HBM_BYTES else "does NOT fit"
+            status = (
+                f"ok ({calls} tpu_custom_call; params {local / 2**30:.2f} of "
+                f"{total / 2**30:.1f} GiB per device, {fits} a v4 chip's 32 GiB before activations)"
+            )
+        except Exception as e:  # report every program, then fail
+            status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        elapsed = f"{time.perf_counter() - start:.1f}s"
+        batch, length = ABSTRACT_TOKENS
+        rows.append((f"{name} forward {batch}x{length} on {MESH_SHAPE}", devices, elapsed, status))
+    return rows
+
+
 def main() -> int:
     needed = MESH_SHAPE[0] * MESH_SHAPE[1]
     if jax.device_count() < needed:
@@ -73,7 +122,7 @@ def main() -> int:
     with warnings.catch_warnings():
         # tiny's 4 query heads do not split over 8 model shards: replicated, as warned.
         warnings.simplefilter("ignore", MeshLayoutWarning)
-        rows = exported_rows()
+        rows = exported_rows() + abstract_rows()
     header = ("sharded program", "devices", "time", "status")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:

@@ -1,5 +1,6 @@
-"""``make lower``'s sharded rows: the tiny-moe forward and training gradients export for
-TPU on a (4, 8) mesh of 32 CPU devices (subprocess: XLA fixes the device count at start)."""
+"""``make lower``'s sharded rows: the tiny-moe forward and training gradients, and the
+llama-3-8b / mixtral-8x7b forwards from abstract inputs, export for TPU on a (4, 8)
+mesh of 32 CPU devices (subprocess: XLA fixes the device count at start)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def test_the_model_exports_for_tpu_on_a_4x8_mesh():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("tiny-moe")]
     assert len(rows) == 2, proc.stdout
+    big = [line for line in proc.stdout.splitlines() if line.startswith(("llama", "mixtral"))]
+    assert len(big) == 2 and all("ok (" in r and " fits " in r for r in big), proc.stdout
     for row in rows:
         assert " 32 " in row and "ok (" in row, row
         # Parameters split: device 0 holds well under all of them.
