@@ -5,6 +5,8 @@ in the same process, so every row can be shown as a percentage of it. Accelerato
 peaks come from a table keyed by ``device_kind`` (none hard-coded in kernels).
 
     python -m benchmarks.run [-k FILTER] [--json PATH]
+
+``-k sharding`` prints instead the paper roofline of ``benchmarks/roofline.py``.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ def main(argv=None) -> int:
     parser.add_argument("-k", dest="filter", default="", help="pytest -k expression")
     parser.add_argument("--json", default=None, help="where to keep pytest-benchmark's JSON")
     args = parser.parse_args(argv)
+    if args.filter == "sharding":  # a paper roofline of a v4-32 slice, not a timing
+        from benchmarks import roofline
+
+        return roofline.main()
 
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

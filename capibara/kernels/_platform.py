@@ -64,6 +64,9 @@ def interpret_params(interpret: bool):
 
     if not interpret:
         return False
+    # Inside a shard_map over several devices, Pallas' generic interpreter: the TPU one
+    # joins every kernel launch in a barrier across all devices, and two kernels in one
+    # program (flash attention's backward) deadlocked on 8 CPU devices.
     mesh = jax.sharding.get_abstract_mesh()
     if any(mesh.shape[a] > 1 for a in getattr(mesh, "manual_axes", ())):
         return True

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent(
                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
     for name, overrides, shapes in [
-        ("interpret", dict(implementation=None, interpret_kernels=True), [(2, 4), (4, 8)]),
+        ("interpret", dict(implementation=None, interpret_kernels=True), [(2, 4)]),
         ("xla", dict(implementation="xla"), [(4, 8)]),
     ]:
         config = preset("tiny-moe", **overrides)
@@ -121,7 +121,7 @@ def test_parameters_are_really_split(results):
     assert results["(2, 2, 2)"]["w_gate_up_shard_shape"] == [2, 64, 128]
 
 
-@pytest.mark.parametrize("run", ["interpret (2, 4)", "interpret (4, 8)", "xla (4, 8)"])
+@pytest.mark.parametrize("run", ["interpret (2, 4)", "xla (4, 8)"])
 def test_forward_and_gradients_on_the_mesh_equal_one_device(results, run):
     got = results[run]
     assert got["logits"] <= 1e-5
@@ -132,6 +132,6 @@ def test_forward_and_gradients_on_the_mesh_equal_one_device(results, run):
 
 
 def test_parameters_take_a_fraction_of_the_memory_per_device(results):
-    for run in ("interpret (2, 4)", "interpret (4, 8)"):
+    for run in ("interpret (2, 4)", "xla (4, 8)"):
         got = results[run]
         assert got["param_bytes_device0"] < got["param_bytes"] / 2, got

@@ -119,6 +119,13 @@ def _impls(op, reference_op, block_sizes, interpret):
     } | {"reference": reference_op}
 
 
+def _first_row_of_shard(resolved, group_sizes, local_sizes) -> jax.Array:
+    """The first row owned by this shard's experts (experts split over a mesh axis):
+    the rows of all the groups before them."""
+    first = _mesh.shard_offset(resolved, "experts", local_sizes.shape[0])
+    return jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < first, group_sizes, 0))
+
+
 def grouped_matmul(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -177,8 +184,7 @@ def grouped_matmul(
         axis = resolved.get("experts")
         if axis is None:
             return run(lhs, rhs, local_sizes)
-        first = _mesh.shard_offset(resolved, "experts", local_sizes.shape[0])
-        offset = jnp.sum(jnp.where(jnp.arange(num_groups) < first, group_sizes, 0))
+        offset = _first_row_of_shard(resolved, group_sizes, local_sizes)
         out = run(jnp.roll(lhs, -offset, axis=0), rhs, local_sizes)
         return jax.lax.psum(jnp.roll(out, offset, axis=0), axis)
 
@@ -242,8 +248,7 @@ def transposed_grouped_matmul(
         # As in grouped_matmul: this shard's rows rolled to the top, its groups only.
         if resolved.get("experts") is None:
             return run(lhs, rhs, local_sizes)
-        first = _mesh.shard_offset(resolved, "experts", local_sizes.shape[0])
-        offset = jnp.sum(jnp.where(jnp.arange(num_groups) < first, group_sizes, 0))
+        offset = _first_row_of_shard(resolved, group_sizes, local_sizes)
         roll = functools.partial(jnp.roll, shift=-offset, axis=0)
         return run(roll(lhs), roll(rhs), local_sizes)
 
