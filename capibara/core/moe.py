@@ -135,15 +135,22 @@ class MoEBlock(nnx.Module):
     def _routed_experts(self, tokens: jax.Array, routing: Routing) -> jax.Array:
         """``[t, d]``: the weighted sum of each token's kept experts' outputs."""
         cfg, num_experts = self.config, self.config.num_experts
-        gmm = lambda lhs, rhs, sizes: grouped_matmul(
-            lhs, rhs, sizes, implementation=cfg.implementation, interpret=cfg.interpret
+        gmm = lambda lhs, rhs, sizes, split_k=False: grouped_matmul(
+            lhs,
+            rhs,
+            sizes,
+            split_k=split_k,
+            implementation=cfg.implementation,
+            interpret=cfg.interpret,
         )
         # An out-of-range id is permute's way of dropping an assignment: its row lands
         # after the last group, where grouped_matmul leaves zeros and does no work.
         expert_ids = jnp.where(routing.kept, routing.expert_ids, num_experts)
         x_sorted, group_sizes, order = moe.permute(tokens, expert_ids, num_experts)
         hidden = _swiglu(gmm(x_sorted, self.w_gate_up[...].astype(tokens.dtype), group_sizes))
-        y_sorted = gmm(hidden, self.w_down[...].astype(tokens.dtype), group_sizes)
+        # w_down [E, mlp, embed] is placed split along mlp (capibara.sharding): contract
+        # over it per shard and psum, rather than re-laying the weight out every step.
+        y_sorted = gmm(hidden, self.w_down[...].astype(tokens.dtype), group_sizes, split_k=True)
         return moe.unpermute(y_sorted, order, routing.weights)
 
     def _shared_experts(self, tokens: jax.Array) -> jax.Array | float:

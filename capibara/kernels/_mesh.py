@@ -28,7 +28,8 @@ op                          split
 flash_attention             batch -> ``data``; q heads and kv heads -> ``model``
 paged (prefill) attention   batch -> ``data``; q heads and kv heads -> ``model``
 rope_kv_write               q heads and kv heads -> ``model``
-grouped_matmul              experts -> ``expert`` (+ ``psum``); n -> ``model``
+grouped_matmul              experts -> ``expert`` (+ ``psum``); n -> ``model``,
+                            or k -> ``model`` (+ ``psum``) with ``split_k=True``
 transposed_grouped_matmul   experts -> ``expert``; n -> ``model``
 block_sparse_matmul         rows of ``x`` -> ``data``
 decode_matmul               rows -> ``data``; n -> ``model``
@@ -66,6 +67,7 @@ LOGICAL_TO_MESH: dict[str, str] = {
     "heads": "model",
     "kv_heads": "model",
     "cols": "model",
+    "contract": "model",
     "experts": "expert",
 }
 

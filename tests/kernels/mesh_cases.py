@@ -172,6 +172,16 @@ def grouped_matmul_cases():
         RESULTS[f"gmm {name} out spec"] = str(out.sharding.spec)
         grads = jax.jit(jax.grad(sin_loss(op), argnums=(0, 1)))(*placed)
         RESULTS[f"gmm {name} grads"] = err(grads, jax.grad(sin_loss(ref), (0, 1))(lhs, rhs))
+
+        # split_k: the contracted k over "model", a psum of partial sums.
+        def op_k(lhs, rhs, kw=kw):
+            return kernels.grouped_matmul(lhs, rhs, sizes, split_k=True, **kw)
+
+        placed_k = (put(lhs, mesh, None, "model"), put(rhs, mesh, "expert", "model"))
+        out = jax.jit(op_k)(*placed_k)
+        RESULTS[f"gmm {name} split_k fwd"] = err(out, ref(lhs, rhs))
+        grads = jax.jit(jax.grad(sin_loss(op_k), argnums=(0, 1)))(*placed_k)
+        RESULTS[f"gmm {name} split_k grads"] = err(grads, jax.grad(sin_loss(ref), (0, 1))(lhs, rhs))
         rhs_t = jnp.swapaxes(rhs, 1, 2)
         out = jax.jit(
             lambda a, b, kw=kw: kernels.grouped_matmul(a, b, sizes, transpose_rhs=True, **kw)

@@ -132,6 +132,7 @@ def grouped_matmul(
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
+    split_k: bool = False,
     implementation: str | None = None,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
@@ -145,6 +146,9 @@ def grouped_matmul(
         ``[sum(group_sizes[:g]), sum(group_sizes[:g + 1]))``. Empty groups are fine;
         if the sizes sum to less than ``m`` the remaining rows come out as zeros.
       transpose_rhs: ``rhs`` is stored ``[E, n, k]`` and used transposed.
+      split_k: under a mesh, split the contracted ``k`` over ``model`` (and ``psum``
+        the output) instead of ``n``: the layout of a down projection whose weight and
+        input are split along their features. No effect without a mesh.
       implementation: ``None`` (best for the platform, chosen at lowering),
         ``"pallas"``, ``"xla"`` or ``"reference"``.
       interpret: run the Pallas kernels in the Pallas TPU interpreter.
@@ -188,14 +192,22 @@ def grouped_matmul(
         out = run(jnp.roll(lhs, -offset, axis=0), rhs, local_sizes)
         return jax.lax.psum(jnp.roll(out, offset, axis=0), axis)
 
-    w_axes = ("experts", "cols", None) if transpose_rhs else ("experts", None, "cols")
+    def per_shard(resolved, *args):
+        # A k split leaves a partial sum on every shard of that axis.
+        out = per_expert_shard(resolved, *args)
+        if resolved.get("contract") is not None:
+            out = jax.lax.psum(out, resolved["contract"])
+        return out
+
+    k_axis, n_axis = ("contract", None) if split_k else (None, "cols")
+    w_axes = ("experts", n_axis, k_axis) if transpose_rhs else ("experts", k_axis, n_axis)
     return _mesh.run_per_shard(
         "grouped_matmul",
         lambda lhs, rhs, group_sizes, _: run(lhs, rhs, group_sizes),
         (lhs, rhs, group_sizes, group_sizes),
-        ((None, None), w_axes, (None,), ("experts",)),
-        (None, "cols"),
-        body=per_expert_shard,
+        ((None, k_axis), w_axes, (None,), ("experts",)),
+        (None, n_axis),
+        body=per_shard,
     )
 
 
