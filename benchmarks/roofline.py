@@ -61,33 +61,28 @@ def analyse(name: str) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding
 
     from capibara.core.config import preset
-    from capibara.core.model import CapibaraModel
-    from capibara.sharding import batch_sharding, make_mesh, partition_spec
+    from capibara.sharding import abstract_model, batch_sharding, bytes_per_device, make_mesh
 
     mesh = make_mesh(MESH_SHAPE)
     config = preset(name, implementation="xla")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CapibaraModel(config, rngs=nnx.Rngs(0))))
-    placed, param_bytes, active = [], 0, 0.0
+    graphdef, state = abstract_model(config, mesh)
+    param_bytes, _ = bytes_per_device(state)
+    active = 0.0  # matmul weights one token meets
     experts_used = config.num_experts_per_token / max(config.num_experts, 1)
     for path, value in nnx.to_flat_state(state):
         dotted = ".".join(map(str, path))
         if "embed" not in dotted:  # a gather, not a matmul (a tied head is counted once)
             routed = ".w_gate_up" in dotted or ".w_down" in dotted
             active += math.prod(value.shape) * (experts_used if routed else 1.0)
-        spec = partition_spec(dotted, value.shape, mesh)
-        sharding = NamedSharding(mesh, spec)
-        placed.append((path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)))
-        param_bytes += math.prod(sharding.shard_shape(value.shape)) * value.dtype.itemsize
     tokens = jax.ShapeDtypeStruct(TOKENS, jnp.int32, sharding=batch_sharding(mesh))
 
     def forward(state, tokens):
         return nnx.merge(graphdef, state)(tokens)[0]
 
     start = time.perf_counter()
-    compiled = jax.jit(forward).lower(nnx.from_flat_state(placed), tokens).compile()
+    compiled = jax.jit(forward).lower(state, tokens).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {

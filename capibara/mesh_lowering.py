@@ -11,7 +11,6 @@ bytes one device holds.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -19,12 +18,17 @@ import warnings
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from capibara.core.config import preset
 from capibara.core.model import CapibaraModel
 from capibara.kernels._mesh import MeshLayoutWarning
-from capibara.sharding import batch_sharding, make_mesh, partition_spec, shard
+from capibara.sharding import (
+    abstract_model,
+    batch_sharding,
+    bytes_per_device,
+    make_mesh,
+    shard,
+)
 from capibara.training import next_token_loss
 
 MESH_SHAPE = (4, 8)
@@ -40,10 +44,7 @@ def exported_rows(config_name: str = "tiny-moe") -> list[tuple[str, str, str, st
     shard(model, mesh)
     graphdef, state = nnx.split(model)
     tokens = jax.device_put(jnp.zeros((8, 32), jnp.int32), batch_sharding(mesh))
-    device0 = jax.devices()[0]
-    params = jax.tree.leaves(nnx.state(model, nnx.Param))
-    total = sum(p.nbytes for p in params)
-    local = sum(s.data.nbytes for p in params for s in p.addressable_shards if s.device == device0)
+    local, total = bytes_per_device(nnx.state(model, nnx.Param))
 
     def forward(state, tokens):
         return nnx.merge(graphdef, state)(tokens)[0]
@@ -75,27 +76,15 @@ def abstract_rows(names=ABSTRACT_MODELS) -> list[tuple[str, str, str, str]]:
     rows = []
     for name in names:
         start, devices = time.perf_counter(), "-"
-        config = preset(name)
-        graphdef, state = nnx.split(
-            nnx.eval_shape(lambda c=config: CapibaraModel(c, rngs=nnx.Rngs(0)))
-        )
-        placed, local, total = [], 0, 0
-        for path, value in nnx.to_flat_state(state):
-            sharding = NamedSharding(
-                mesh, partition_spec(".".join(map(str, path)), value.shape, mesh)
-            )
-            placed.append((path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)))
-            local += math.prod(sharding.shard_shape(value.shape)) * value.dtype.itemsize
-            total += math.prod(value.shape) * value.dtype.itemsize
+        graphdef, state = abstract_model(preset(name), mesh)
+        local, total = bytes_per_device(state)
         tokens = jax.ShapeDtypeStruct(ABSTRACT_TOKENS, jnp.int32, sharding=batch_sharding(mesh))
 
         def forward(state, tokens, graphdef=graphdef):
             return nnx.merge(graphdef, state)(tokens)[0]
 
         try:
-            exported = jax.export.export(jax.jit(forward), platforms=["tpu"])(
-                nnx.from_flat_state(placed), tokens
-            )
+            exported = jax.export.export(jax.jit(forward), platforms=["tpu"])(state, tokens)
             calls = exported.mlir_module().count("tpu_custom_call")
             devices = str(exported.nr_devices)
             fits = "fits" if local < V4_HBM_BYTES else "does NOT fit"

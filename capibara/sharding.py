@@ -17,9 +17,11 @@ mesh from ``jax.devices()`` (all hosts' devices); nothing else changes.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -88,9 +90,40 @@ def shard(model, mesh: Mesh) -> dict[str, PartitionSpec]:
         value = var.get_value()
         if not isinstance(value, jax.Array):
             continue
-        dotted = ".".join(map(str, path))
+        dotted = _dotted(path)
         spec = partition_spec(dotted, value.shape, mesh)
         var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
         specs[dotted] = spec
     nnx.update(model, state)
     return specs
+
+
+def abstract_model(config, mesh: Mesh):
+    """``(graphdef, state)`` of a ``CapibaraModel`` of ``config`` whose arrays are
+    ``jax.ShapeDtypeStruct`` s placed on ``mesh`` as ``shard`` places them: lower or
+    compile a full-size model for a mesh without materializing a weight."""
+    from capibara.core.model import CapibaraModel  # the model imports flax layers
+
+    abstract = nnx.eval_shape(lambda: CapibaraModel(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    placed = []
+    for path, value in nnx.to_flat_state(state):
+        sharding = NamedSharding(mesh, partition_spec(_dotted(path), value.shape, mesh))
+        placed.append((path, jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)))
+    return graphdef, nnx.from_flat_state(placed)
+
+
+def bytes_per_device(tree) -> tuple[int, int]:
+    """``(bytes of one device's shard, total bytes)`` summed over the placed arrays (or
+    ``jax.ShapeDtypeStruct`` s) of ``tree``."""
+    local = total = 0
+    for leaf in jax.tree.leaves(tree):
+        itemsize = jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(leaf.shape) * itemsize
+        local += math.prod(leaf.sharding.shard_shape(leaf.shape)) * itemsize
+    return local, total
+
+
+def _dotted(path) -> str:
+    """A flat-state path as the dotted name ``PARAM_AXES`` matches."""
+    return ".".join(map(str, path))
