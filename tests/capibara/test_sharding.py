@@ -9,10 +9,6 @@ with ``--xla_force_host_platform_device_count=32``.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -93,14 +89,8 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=480
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+def results(run_on_host_devices):
+    return run_on_host_devices(["-c", SCRIPT], devices=32, timeout=480)
 
 
 def test_runs_on_32_devices(results):

@@ -7,11 +7,7 @@ on a rendezvous, so the timeout turns a hang into a failure.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -20,14 +16,8 @@ TOLERANCE = 2e-5  # f32, relative to the largest reference value
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[str, object]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=420
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+def results(run_on_host_devices):
+    return run_on_host_devices([str(SCRIPT)], devices=8, timeout=420)
 
 
 def numeric(results):

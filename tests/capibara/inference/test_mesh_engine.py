@@ -4,11 +4,7 @@ stream (the cases are in ``mesh_engine_cases.py``, run in a subprocess)."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -19,14 +15,8 @@ SCRIPT = pathlib.Path(__file__).with_name("mesh_engine_cases.py")
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+def results(run_on_host_devices):
+    return run_on_host_devices([str(SCRIPT)], devices=8, timeout=300)
 
 
 @pytest.mark.parametrize("mesh", ["(1, 8)", "(2, 4)"])
