@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 ROUTER_KINDS = ("token", "expert_choice")
+EXPERT_EXCHANGES = ("ragged_all_to_all", "all_gather")  # = capibara.kernels.moe.EXCHANGES
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOD_FAST_PATHS = ("residual", "mlp")
 IMPLEMENTATIONS = (None, "pallas", "xla", "reference")
@@ -59,6 +60,9 @@ class CapibaraConfig:
     router_z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
     router_bias_update_rate: float = 0.0  # >0: DeepSeek-V3 aux-loss-free balancing
     router_jitter: float = 0.0  # multiplicative noise on router inputs, training only
+    # tokens to experts on an ``expert`` mesh axis: None (per platform) |
+    # "ragged_all_to_all" | "all_gather" (capibara.kernels.moe.run_experts)
+    expert_exchange: str | None = None
 
     # -- mixture of depths ---------------------------------------------------------------
     mod_layers: tuple[int, ...] = ()  # layers whose block is skipped by some tokens
@@ -186,6 +190,11 @@ def _validate(c: CapibaraConfig) -> None:
         c.router_score in SCORE_FUNCTIONS,
         "router_score",
         f"must be one of {SCORE_FUNCTIONS}, got {c.router_score!r}",
+    )
+    _check(
+        c.expert_exchange in (None, *EXPERT_EXCHANGES),
+        "expert_exchange",
+        f"must be None or one of {EXPERT_EXCHANGES}, got {c.expert_exchange!r}",
     )
     _check(
         c.capacity_factor is None or c.capacity_factor > 0,

@@ -38,5 +38,6 @@ def make_moe_block(config: CapibaraConfig, *, rngs: nnx.Rngs) -> MoEBlock:
         num_shared_experts=config.num_shared_experts,
         implementation=config.implementation,
         interpret=config.interpret_kernels,
+        expert_exchange=config.expert_exchange,
     )
     return MoEBlock(block_config, rngs=rngs, param_dtype=dtype_of(config.param_dtype))

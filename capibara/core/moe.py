@@ -16,6 +16,7 @@ through the residual unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,9 @@ class MoEBlockConfig:
     num_shared_experts: int = 0  # always-on experts of width ffn_dim, run densely
     implementation: str | None = None  # passed to every kernel (None = best here)
     interpret: bool = False  # run the Pallas kernels in the interpreter
+    # How tokens reach their experts on a mesh with an ``expert`` axis: None (per
+    # platform), "ragged_all_to_all" or "all_gather" (capibara.kernels.moe.run_experts)
+    expert_exchange: str | None = None
 
     def __post_init__(self):
         for name in ("d_model", "ffn_dim"):
@@ -62,6 +66,12 @@ class MoEBlockConfig:
             raise ValueError(
                 f"MoEBlockConfig.implementation={self.implementation!r} is not one of None, "
                 + ", ".join(repr(i) for i in _platform.IMPLEMENTATIONS)
+            )
+
+        if self.expert_exchange is not None and self.expert_exchange not in moe.EXCHANGES:
+            raise ValueError(
+                f"MoEBlockConfig.expert_exchange={self.expert_exchange!r} is not one of None, "
+                + ", ".join(repr(e) for e in moe.EXCHANGES)
             )
 
     @property
@@ -133,25 +143,37 @@ class MoEBlock(nnx.Module):
         return y.reshape(x.shape), routing
 
     def _routed_experts(self, tokens: jax.Array, routing: Routing) -> jax.Array:
-        """``[t, d]``: the weighted sum of each token's kept experts' outputs."""
+        """``[t, d]``: the weighted sum of each token's kept experts' outputs.
+
+        On a mesh with an ``expert`` axis the tokens travel to their experts' shards
+        (``capibara.kernels.moe.run_experts``, ``MoEBlockConfig.expert_exchange``)."""
         cfg, num_experts = self.config, self.config.num_experts
-        gmm = lambda lhs, rhs, sizes, split_k=False: grouped_matmul(
-            lhs,
-            rhs,
-            sizes,
-            split_k=split_k,
-            implementation=cfg.implementation,
-            interpret=cfg.interpret,
-        )
         # An out-of-range id is permute's way of dropping an assignment: its row lands
         # after the last group, where grouped_matmul leaves zeros and does no work.
         expert_ids = jnp.where(routing.kept, routing.expert_ids, num_experts)
-        x_sorted, group_sizes, order = moe.permute(tokens, expert_ids, num_experts)
-        hidden = _swiglu(gmm(x_sorted, self.w_gate_up[...].astype(tokens.dtype), group_sizes))
+        params = (self.w_gate_up[...].astype(tokens.dtype), self.w_down[...].astype(tokens.dtype))
+        return moe.run_experts(
+            tokens,
+            expert_ids,
+            routing.weights,
+            self._expert_ffn,
+            params,
+            num_experts=num_experts,
+            exchange=cfg.expert_exchange,
+        )
+
+    def _expert_ffn(self, params, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """SwiGLU of the experts in ``params`` (``[E', d, 2f]``, ``[E', f, d]``) on rows
+        sorted by expert, ``[r, d] -> [r, d]``."""
+        cfg = self.config
+        w_gate_up, w_down = params
+        gmm = functools.partial(
+            grouped_matmul, implementation=cfg.implementation, interpret=cfg.interpret
+        )
+        hidden = _swiglu(gmm(x_sorted, w_gate_up, group_sizes))
         # w_down [E, mlp, embed] is placed split along mlp (capibara.sharding): contract
         # over it per shard and psum, rather than re-laying the weight out every step.
-        y_sorted = gmm(hidden, self.w_down[...].astype(tokens.dtype), group_sizes, split_k=True)
-        return moe.unpermute(y_sorted, order, routing.weights)
+        return gmm(hidden, w_down, group_sizes, split_k=True)
 
     def _shared_experts(self, tokens: jax.Array) -> jax.Array | float:
         if self.shared_gate_up is None:

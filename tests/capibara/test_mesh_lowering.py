@@ -1,6 +1,7 @@
 """``make lower``'s sharded rows: the tiny-moe forward and training gradients, and the
 llama-3-8b / mixtral-8x7b forwards from abstract inputs, export for TPU on a (4, 8)
-mesh of 32 CPU devices (subprocess: XLA fixes the device count at start)."""
+data x model mesh and a (2, 4, 4) data x expert x model mesh of 32 CPU devices
+(subprocess: XLA fixes the device count at start)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ def test_the_model_exports_for_tpu_on_a_4x8_mesh():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("tiny-moe")]
-    assert len(rows) == 2, proc.stdout
+    assert len(rows) == 4, proc.stdout
     big = [line for line in proc.stdout.splitlines() if line.startswith(("llama", "mixtral"))]
-    assert len(big) == 2 and all("ok (" in r and " fits " in r for r in big), proc.stdout
+    assert len(big) == 3 and all("ok (" in r and " fits " in r for r in big), proc.stdout
+    # Expert parallel: the MoE layers exchange tokens with ragged all-to-alls (two per
+    # layer forward, their transposes backward); tensor parallel has none.
+    for row in rows + big:
+        assert ("ragged_all_to_all" in row) == ("expert" in row), row
     for row in rows:
         assert " 32 " in row and "ok (" in row, row
         # Parameters split: device 0 holds well under all of them.

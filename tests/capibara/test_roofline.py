@@ -22,7 +22,7 @@ def test_collective_bytes_counts_result_sizes_and_all_reduce_twice():
 
 def test_the_estimate_is_the_largest_bound():
     row = {"flops": 275e12, "analytic_flops": 1.0, "hbm": 2 * 1200e9, "ici": 0.0, "params": 0.0}
-    text = roofline.table({"m": row})
+    text = roofline.table({("m", roofline.TENSOR_PARALLEL): row})
     line = text.splitlines()[1].split()
     # t_flops 1000 ms, t_hbm 2000 ms, t_ici 0 ms: HBM bound at 2000 ms.
     assert line[-2:] == ["2000.0", "hbm"]
