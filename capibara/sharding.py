@@ -70,7 +70,7 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
                 fits = mesh_axis in mesh.shape and size % mesh.shape[mesh_axis] == 0
                 axes.append(mesh_axis if fits and mesh_axis not in axes else None)
             return PartitionSpec(*axes)
-    return PartitionSpec()  # norms, routers, block-sparse kernels: replicated
+    return PartitionSpec()  # norms, routers, block-sparse kernels (unless column-sharded)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -85,16 +85,35 @@ def shard(model, mesh: Mesh) -> dict[str, PartitionSpec]:
       parameter path -> the ``PartitionSpec`` it was placed with.
     """
     specs: dict[str, PartitionSpec] = {}
+    column_sharded = _column_sharded_kernels(model, mesh)
     state = nnx.state(model, nnx.Variable)
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         if not isinstance(value, jax.Array):
             continue
         dotted = _dotted(path)
-        spec = partition_spec(dotted, value.shape, mesh)
+        spec = column_sharded.get(dotted) or partition_spec(dotted, value.shape, mesh)
         var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
         specs[dotted] = spec
     nnx.update(model, state)
+    return specs
+
+
+def _column_sharded_kernels(model, mesh: Mesh) -> dict[str, PartitionSpec]:
+    """Block-sparse kernels stored in column shards (``sparsify(column_shards=S)``):
+    their blocks split over ``model`` where that axis divides ``S``."""
+    from capibara.core.layers import Linear
+    from capibara.kernels.block_sparse import ColumnShardedLayout
+
+    model_axis = LOGICAL_RULES["mlp"]
+    if model_axis not in mesh.shape:
+        return {}
+    size = mesh.shape[model_axis]
+    specs = {}
+    for path, module in nnx.iter_graph(model):
+        layout = getattr(module, "sparse_layout", None) if isinstance(module, Linear) else None
+        if isinstance(layout, ColumnShardedLayout) and layout.num_shards % size == 0:
+            specs[_dotted((*path, "kernel"))] = PartitionSpec(model_axis)
     return specs
 
 

@@ -21,11 +21,14 @@ class SparsifyReport:
       linears: dotted paths of the linears made block-sparse.
       dense_params: weights in those linears before.
       kept_params: weights stored after (whole kept blocks, padding excluded).
+      column_sharded: the linears stored in ``column_shards`` runs of blocks (those
+        whose block columns ``column_shards`` divides; the others are stored whole).
     """
 
     linears: tuple[str, ...]
     dense_params: int
     kept_params: int
+    column_sharded: tuple[str, ...] = ()
 
     @property
     def reduction(self) -> float:
@@ -50,6 +53,7 @@ def sparsify(
     sparsity: float,
     block_shape: tuple[int, int] = (128, 128),
     targets: tuple[str, ...] = ("mlp",),
+    column_shards: int = 1,
 ) -> SparsifyReport:
     """Prunes the chosen linears of ``model`` in place to block-sparse, by block norm.
 
@@ -63,6 +67,10 @@ def sparsify(
       sparsity: fraction of blocks to drop, in ``[0, 1]``.
       block_shape: ``(bk, bn)`` blocks of the kernels.
       targets: subset of ``("mlp", "attention")``.
+      column_shards: > 1 stores each pruned kernel as that many runs of blocks, one
+        per group of output block columns (``BlockSparseMatrix.split_columns``), so
+        ``capibara.shard`` splits them over the mesh's ``model`` axis (a multiple of
+        it). Kernels whose block columns it does not divide stay whole (replicated).
 
     Returns:
       ``SparsifyReport`` with the exact parameter reduction.
@@ -72,17 +80,23 @@ def sparsify(
         raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {targets}")
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity=}")
-    paths, dense, kept = [], 0, 0
+    if not isinstance(column_shards, int) or column_shards < 1:
+        raise ValueError(f"column_shards must be a positive int, got {column_shards!r}")
+    paths, dense, kept, split = [], 0, 0, []
     for path, linear in list(_targets(model, tuple(targets))):
         if linear.sparse_layout is not None:
             raise ValueError(f"{path} is already block-sparse")
         kernel = linear.kernel.get_value()
         pruned = BlockSparseMatrix.prune(np.asarray(kernel), sparsity, block_shape)
-        linear.make_sparse(pruned)
-        paths.append(path)
         dense += kernel.size
         kept += _kept_in_bounds(pruned)
-    return SparsifyReport(tuple(paths), dense, kept)
+        block_cols, bn = pruned.layout.grid[1], pruned.block_shape[1]
+        if column_shards > 1 and block_cols % column_shards == 0 and pruned.shape[1] % bn == 0:
+            pruned = pruned.split_columns(column_shards)
+            split.append(path)
+        linear.make_sparse(pruned)
+        paths.append(path)
+    return SparsifyReport(tuple(paths), dense, kept, tuple(split))
 
 
 def _kept_in_bounds(w: BlockSparseMatrix) -> int:

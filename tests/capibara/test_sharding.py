@@ -83,6 +83,26 @@ SCRIPT = textwrap.dedent(
                     if s.device == device0
                 ),
             }
+
+    # Block-sparse MLP kernels stored in 8 column shards, split over "model" on (4, 8):
+    # the same logits as the unsplit sparse model on one device.
+    from capibara.sparsity import sparsify
+
+    config = preset("tiny", implementation="xla")
+    whole = CapibaraModel(config, rngs=nnx.Rngs(0))
+    sparsify(whole, 0.5, (16, 16))
+    model = CapibaraModel(config, rngs=nnx.Rngs(0))
+    report = sparsify(model, 0.5, (16, 16), column_shards=8)
+    mesh = make_mesh((4, 8))
+    specs = shard(model, mesh)
+    logits = nnx.jit(lambda m, t: m(t)[0])(model, jax.device_put(tokens, batch_sharding(mesh)))
+    gate = model.stack.layers[0].mlp.gate_proj.kernel.get_value()
+    results["sparse columns"] = {
+        "max_diff": float(jnp.max(jnp.abs(logits - whole(tokens)[0]))),
+        "column_sharded": list(report.column_sharded),
+        "gate_spec": str(specs["stack.layers.0.mlp.gate_proj.kernel"]),
+        "gate_blocks": [gate.shape[0], gate.addressable_shards[0].data.shape[0]],
+    }
     print("RESULT" + json.dumps(results))
     """
 )
@@ -119,6 +139,19 @@ def test_forward_and_gradients_on_the_mesh_equal_one_device(results, run):
     assert got["grads"] <= 1e-5
     # The batch stays over "data" and the vocabulary over "model" at the output.
     assert got["logits_spec"][0] == "data"
+
+
+def test_column_sharded_sparse_kernels_split_over_model(results):
+    got = results["sparse columns"]
+    assert got["max_diff"] <= 1e-5
+    # gate/up [64, 128] in 16 x 16 blocks: 8 block columns, split 8 ways; down [128, 64]
+    # has 4 block columns and stays whole.
+    assert (
+        sorted(p.split(".")[-1] for p in got["column_sharded"])
+        == ["gate_proj"] * 2 + ["up_proj"] * 2
+    )
+    assert got["gate_spec"] == "P('model',)"
+    assert got["gate_blocks"][1] * 8 == got["gate_blocks"][0]
 
 
 def test_parameters_take_a_fraction_of_the_memory_per_device(results):

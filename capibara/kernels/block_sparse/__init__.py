@@ -12,6 +12,10 @@ Implementations (``implementation=``):
   * ``"pallas"``: Mosaic TPU kernels (forward, dx, dW) reading the block schedule by
     scalar prefetch; zero blocks are never fetched. The TPU default; ``interpret=True``
     runs them in the Pallas TPU interpreter anywhere.
+
+On a mesh the rows of ``x`` split over ``data``; a matrix re-stored by
+``w.split_columns(S)`` (``ColumnShardedLayout``) also splits its blocks and the output
+columns over ``model`` when that axis divides ``S``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import jax.numpy as jnp
 
 from capibara.kernels import _mesh, _platform
 from capibara.kernels.block_sparse import ops, reference
-from capibara.kernels.block_sparse.layout import BlockLayout
+from capibara.kernels.block_sparse.layout import BlockLayout, ColumnShardedLayout
 from capibara.kernels.block_sparse.matrix import BlockSparseMatrix
 
 __all__ = [
     "BlockLayout",
     "BlockSizes",
     "BlockSparseMatrix",
+    "ColumnShardedLayout",
     "block_sparse_matmul",
     "bytes_accessed",
     "flops",
@@ -61,6 +66,8 @@ class BlockSizes:
 def flops(m: int, w: BlockSparseMatrix | BlockLayout) -> int:
     """Useful FLOPs of ``x [m, K] @ w``: 2·m·bk·bn per stored block."""
     layout = w.layout if isinstance(w, BlockSparseMatrix) else w
+    if isinstance(layout, ColumnShardedLayout):
+        layout = layout.full  # padding blocks do no useful work
     bk, bn = layout.block_shape
     return 2 * m * bk * bn * layout.nnz
 
@@ -111,11 +118,24 @@ def block_sparse_matmul(
     block_sizes = block_sizes or BlockSizes.get_default()
     if not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be BlockSizes, got {type(block_sizes).__name__}")
-    layout = w.layout
-    (k, n), (kp, _) = layout.shape, layout.padded_shape
+    k, n = w.shape
     batch_shape = x.shape[:-1]
     m = math.prod(batch_shape)
     x2d = x.reshape(m, k)
+    if isinstance(w.layout, ColumnShardedLayout):
+        out = _column_sharded(x2d, w, implementation, interpret, block_sizes)
+    else:
+        run = _runner(w.layout, implementation, interpret, block_sizes)
+        blocks = (None,) * w.blocks.ndim
+        out = _mesh.run_per_shard(
+            "block_sparse_matmul", run, (x2d, w.blocks), (("rows", None), blocks), ("rows", None)
+        )
+    return out.reshape(*batch_shape, n)
+
+
+def _runner(layout: BlockLayout, implementation, interpret, block_sizes):
+    """``run(x2d [m, K], blocks [nnz, bk, bn]) -> [m, N]`` for one static layout."""
+    (k, n), (kp, _) = layout.shape, layout.padded_shape
 
     def padded_call(backend: str, x2d, blocks):
         # The kernels work on whole blocks: pad K with zeros, and (pallas) rows to a tile.
@@ -129,7 +149,7 @@ def block_sparse_matmul(
     def reference_call(x2d, blocks):
         return reference.block_sparse_matmul(x2d, BlockSparseMatrix(blocks, layout))
 
-    run = _platform.dispatch(
+    return _platform.dispatch(
         "block_sparse_matmul",
         implementation,
         interpret,
@@ -139,11 +159,30 @@ def block_sparse_matmul(
             "reference": reference_call,
         },
     )
-    blocks = (None,) * w.blocks.ndim
-    out = _mesh.run_per_shard(
-        "block_sparse_matmul", run, (x2d, w.blocks), (("rows", None), blocks), ("rows", None)
+
+
+def _column_sharded(x2d, w: BlockSparseMatrix, implementation, interpret, block_sizes):
+    """``x2d @ w`` for a ``ColumnShardedLayout``: each run of blocks gives its group of
+    output columns; on a mesh the runs (and the columns) split over ``model``."""
+    layout = w.layout
+    local, s = layout.local, layout.num_shards
+    run = _runner(local, implementation, interpret, block_sizes)
+    chunks = w.blocks.reshape(s, local.nnz, *layout.block_shape)
+    present = jnp.asarray(layout.present)
+
+    def column_groups(x2d, chunks, present):
+        # Padding blocks are zeros by construction; the mask keeps them so (and their
+        # gradient zero) whatever an optimizer writes there.
+        chunks = jnp.where(present[:, :, None, None], chunks, jnp.zeros((), chunks.dtype))
+        return jnp.concatenate([run(x2d, c) for c in chunks], axis=1)
+
+    return _mesh.run_per_shard(
+        "block_sparse_matmul",
+        column_groups,
+        (x2d, chunks, present),
+        (("rows", None), ("cols", None, None, None), ("cols", None)),
+        ("rows", "cols"),
     )
-    return out.reshape(*batch_shape, n)
 
 
 def lowering_cases():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import numpy as np
 
@@ -109,3 +110,89 @@ class BlockLayout:
     def transpose(self) -> BlockLayout:
         """Layout of ``w.T``: a ``[N, K]`` matrix of ``[bn, bk]`` blocks."""
         return BlockLayout(self.shape[::-1], self.block_shape[::-1], self.mask.T)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ColumnShardedLayout:
+    """A ``BlockLayout`` stored as ``num_shards`` equal runs of blocks, one per group of
+    block columns, so the blocks can be split over a mesh axis (the output columns).
+
+    Shard ``j`` owns block columns ``[j·Nb/S, (j+1)·Nb/S)``. Every shard stores the
+    blocks of ``local``: the union over the shards of their column groups' patterns
+    (one static layout, so every shard runs the same kernel), with zero blocks where its
+    own group has none. ``blocks`` is ``[S · local.nnz, bk, bn]``, shard-major; the
+    padding blocks are masked out of the product (``present``), so they stay zero and
+    get zero gradients. Storage overhead: ``S · local.nnz / full.nnz`` (1 when the
+    groups share a pattern).
+
+    Attributes:
+      full: the logical layout.
+      num_shards: ``S``; must divide the block columns, and ``N`` must be a whole
+        number of blocks.
+    """
+
+    full: BlockLayout
+    num_shards: int
+
+    def __post_init__(self):
+        n, bn = self.full.shape[1], self.full.block_shape[1]
+        nb = self.full.grid[1]
+        if not isinstance(self.num_shards, numbers.Integral) or self.num_shards < 1:
+            raise ValueError(f"num_shards must be a positive int, got {self.num_shards!r}")
+        object.__setattr__(self, "num_shards", int(self.num_shards))
+        if nb % self.num_shards or n % bn:
+            raise ValueError(
+                f"num_shards={self.num_shards} must divide the {nb} block columns of a "
+                f"matrix whose N={n} is a multiple of bn={bn}"
+            )
+
+    def _key(self):
+        return (self.full._key(), self.num_shards)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, ColumnShardedLayout) and self._key() == other._key()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.full.shape
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return self.full.block_shape
+
+    @property
+    def density(self) -> float:
+        """The logical matrix's density (padding blocks not counted)."""
+        return self.full.density
+
+    @functools.cached_property
+    def local(self) -> BlockLayout:
+        """``[K, N / S]``: the blocks every shard stores."""
+        (k, n), s = self.full.shape, self.num_shards
+        kb, nb = self.full.grid
+        union = self.full.mask.reshape(kb, s, nb // s).any(axis=1)
+        return BlockLayout((k, n // s), self.full.block_shape, union)
+
+    @property
+    def nnz(self) -> int:
+        """Stored blocks, padding included: ``S · local.nnz``."""
+        return self.num_shards * self.local.nnz
+
+    @functools.cached_property
+    def source(self) -> np.ndarray:
+        """int32 ``[S, local.nnz]``: the index in ``full``'s storage of each stored block,
+        -1 for a padding block."""
+        kb, nb = self.full.grid
+        index = np.full((kb, nb), -1, np.int32)
+        index[self.full.rows, self.full.cols] = np.arange(self.full.nnz, dtype=np.int32)
+        width = nb // self.num_shards
+        cols = self.local.cols[None, :] + width * np.arange(self.num_shards)[:, None]
+        return index[self.local.rows[None, :], cols]
+
+    @property
+    def present(self) -> np.ndarray:
+        """bool ``[S, local.nnz]``: False for padding blocks."""
+        return self.source >= 0

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capibara.kernels.block_sparse.layout import BlockLayout
+from capibara.kernels.block_sparse.layout import BlockLayout, ColumnShardedLayout
 
 
 def _check_block_shape(block_shape) -> tuple[int, int]:
@@ -47,8 +47,14 @@ def _blocked(w: np.ndarray, block_shape: tuple[int, int]) -> np.ndarray:
     return padded.reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
 
 
-def densify(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+def densify(blocks: jax.Array, layout: BlockLayout | ColumnShardedLayout) -> jax.Array:
     """``blocks [nnz, bk, bn]`` -> the zero-padded ``[K_blocks * bk, N_blocks * bn]`` matrix."""
+    if isinstance(layout, ColumnShardedLayout):
+        local, s = layout.local, layout.num_shards
+        chunks = blocks.reshape(s, local.nnz, *layout.block_shape)
+        present = jnp.asarray(layout.present)[:, :, None, None]
+        chunks = jnp.where(present, chunks, jnp.zeros((), blocks.dtype))
+        return jnp.concatenate([densify(c, local) for c in chunks], axis=1)
     (kb, nb), (bk, bn) = layout.grid, layout.block_shape
     grid = jnp.zeros((kb, nb, bk, bn), blocks.dtype).at[layout.rows, layout.cols].set(blocks)
     return grid.transpose(0, 2, 1, 3).reshape(kb * bk, nb * bn)
@@ -64,9 +70,11 @@ class BlockSparseMatrix:
     ``BlockSparseMatrix`` values with the same layout: only stored blocks get one.
 
     Blocks are zero-padded where ``K`` or ``N`` is not a multiple of the block shape.
+    ``split_columns`` re-stores the matrix so its blocks split over a mesh axis along
+    the output columns (``ColumnShardedLayout``).
     """
 
-    def __init__(self, blocks: jax.Array, layout: BlockLayout):
+    def __init__(self, blocks: jax.Array, layout: BlockLayout | ColumnShardedLayout):
         bk, bn = layout.block_shape
         if tuple(blocks.shape) != (layout.nnz, bk, bn):
             raise ValueError(
@@ -136,6 +144,19 @@ class BlockSparseMatrix:
         mask = np.zeros(norms.size, bool)
         mask[order] = True
         return cls.from_dense(w_np, block_shape, mask.reshape(norms.shape))
+
+    def split_columns(self, num_shards: int) -> BlockSparseMatrix:
+        """The same matrix stored in ``num_shards`` equal runs of blocks, one per group of
+        block columns (``ColumnShardedLayout``): place ``blocks`` split over the mesh's
+        ``model`` axis (``P("model")``) and ``block_sparse_matmul`` computes each
+        shard's output columns from its own blocks."""
+        if isinstance(self.layout, ColumnShardedLayout):
+            raise ValueError(f"already split into {self.layout.num_shards} column shards")
+        layout = ColumnShardedLayout(self.layout, num_shards)
+        source = jnp.asarray(np.maximum(layout.source, 0).reshape(-1))
+        present = jnp.asarray(layout.present.reshape(-1))[:, None, None]
+        blocks = jnp.where(present, self.blocks[source], jnp.zeros((), self.blocks.dtype))
+        return BlockSparseMatrix(blocks, layout)
 
     # -- views -----------------------------------------------------------------------
     def to_dense(self) -> jax.Array:
