@@ -10,6 +10,7 @@ from capibara.kernels.block_sparse import BlockSparseMatrix, block_sparse_matmul
 from capibara.kernels.decode_matmul import decode_matmul
 from capibara.kernels.flash_attention import flash_attention
 from capibara.kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
+from capibara.kernels.grouped_matmul.ragged_dot import ragged_dot
 from capibara.kernels.paged_attention import paged_attention, paged_prefill_attention
 from capibara.kernels.rope_kv_write import rope_kv_write
 
@@ -22,6 +23,7 @@ __all__ = [
     "moe",
     "paged_attention",
     "paged_prefill_attention",
+    "ragged_dot",
     "rope_kv_write",
     "transposed_grouped_matmul",
 ]

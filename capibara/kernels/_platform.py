@@ -236,3 +236,83 @@ def _unavailable_message(op_name: str, implementation: str) -> str:
         f"Pass interpret=True to run it in the Pallas interpreter, or pick an "
         f"implementation that runs on this platform ({runnable})"
     )
+
+
+# -- Platform-specific kernels in a multi-platform export ---------------------------
+#
+# ``jax.export(f, platforms=["tpu", "cpu"])`` lowers every kept branch of a
+# ``platform_dependent`` for *all* the module's platforms: the TPU branch's compiled
+# ``pallas_call`` was also lowered for CPU (and raised "Only interpret mode is supported
+# on CPU backend"), and the CPU branch's native FFI call would land in the TPU module as
+# a custom call TPU does not know. ``only_on(platform, call)`` binds such a call through
+# a primitive whose lowering is per platform: the call on its platform, zeros elsewhere.
+# The zeros are dead code: at run time the platform switch never takes that branch.
+
+_platform_only_p = Primitive("capibara_platform_only")
+_platform_only_p.multiple_results = True
+_platform_only_p.def_abstract_eval(lambda *args, call, platform, out_avals: out_avals)
+# Eagerly there is one platform, the one running: call the kernel as it is.
+_platform_only_p.def_impl(lambda *args, call, platform, out_avals: call(*args))
+
+
+def only_on(platform: str, call: Callable[..., object]) -> Callable[..., object]:
+    """``call`` (a kernel for ``platform``, any pytree in and out), lowered for
+    ``platform`` only; same results."""
+
+    def run(*operands):
+        flat, in_tree = jax.tree.flatten(operands)
+        leaves, out_tree = jax.tree.flatten(jax.eval_shape(call, *operands))
+        avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in leaves)
+        outs = _platform_only_p.bind(
+            *flat, call=_FlatCall(call, in_tree), platform=platform, out_avals=avals
+        )
+        return jax.tree.unflatten(out_tree, outs)
+
+    return run
+
+
+def pallas_call(*args, **kwargs):
+    """``pl.pallas_call`` with the same arguments; a compiled (not interpret) kernel is
+    lowered for TPU only (``only_on``)."""
+    from jax.experimental import pallas as pl
+
+    call = pl.pallas_call(*args, **kwargs)
+    return call if kwargs.get("interpret") else only_on("tpu", call)
+
+
+class _FlatCall:
+    """``call`` on flat operands returning flat outputs (hashable by identity)."""
+
+    def __init__(self, call, in_tree):
+        self.call, self.in_tree = call, in_tree
+
+    def __call__(self, *flat):
+        return jax.tree.leaves(self.call(*jax.tree.unflatten(self.in_tree, flat)))
+
+
+def _lower_platform_only(ctx, *args, call, platform, out_avals):
+    def zeros(*_):
+        return [jnp.zeros(a.shape, a.dtype) for a in out_avals]
+
+    # NOTE: private (jax._src) in JAX 0.10.2: the public mlir module has no per-platform
+    # lowering helper; tests/kernels/test_multiplatform_export.py guards it.
+    from jax._src.interpreters.mlir import lower_per_platform
+
+    return lower_per_platform(
+        ctx,
+        "capibara_platform_only",
+        {platform: mlir.lower_fun(call, multiple_results=True)},
+        mlir.lower_fun(zeros, multiple_results=True),
+        (),  # effects: a compiled kernel has none
+        *args,
+    )
+
+
+def _batch_platform_only(args, dims, *, call, platform, out_avals):
+    """Under vmap: the vmapped call (the kernel batches itself), bound again."""
+    outs = only_on(platform, jax.vmap(call, in_axes=dims))(*args)
+    return outs, [0] * len(outs)
+
+
+mlir.register_lowering(_platform_only_p, _lower_platform_only)
+batching.primitive_batchers[_platform_only_p] = _batch_platform_only

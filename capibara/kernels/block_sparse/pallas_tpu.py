@@ -75,7 +75,7 @@ def _sparse_product(
 
     flops = 2 * m * bk * bn * int((schedule.flags & metadata.VALID).astype(bool).sum())
     itemsize = x.dtype.itemsize
-    return pl.pallas_call(
+    return _platform.pallas_call(
         functools.partial(_accumulate_kernel, transpose_w=transpose_w),
         out_shape=jax.ShapeDtypeStruct((m, out_width), x.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -167,7 +167,7 @@ def weight_grad(x, dy, layout: BlockLayout, *, block_m: int, out_dtype, interpre
     def grad_block(b, i, rows, cols):  # dblocks[b]
         return b, 0, 0
 
-    return pl.pallas_call(
+    return _platform.pallas_call(
         _weight_grad_kernel,
         out_shape=jax.ShapeDtypeStruct((layout.nnz, bk, bn), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(

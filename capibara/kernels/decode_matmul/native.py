@@ -8,12 +8,13 @@ it (no compiler, another CPU) ``available()`` is False, ``reason()`` says why, a
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import native_build
+from capibara.kernels import _platform, native_build
 
 TARGET = "capibara_decode_matmul"
 SOURCE = Path(__file__).with_name("decode_matmul.cc")
@@ -41,4 +42,5 @@ def matmul(x: jax.Array, w: jax.Array, *, w_transposed: bool) -> jax.Array:
         vmap_method="sequential",
     )
     # bf16 straight in: a bitcast to uint16 would be a copy on XLA:CPU (through f32).
-    return call(x, w, transposed=w_transposed)
+    # only_on: in a multi-platform export the TPU module must not hold this call.
+    return _platform.only_on("cpu", functools.partial(call, transposed=w_transposed))(x, w)

@@ -27,6 +27,7 @@ implementation clamps instead (``metadata.group_bounds``): a negative size count
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -90,18 +91,20 @@ def _as_array(x):
     return x if hasattr(x, "ndim") else np.asarray(x)
 
 
-def _validate_operands(lhs, rhs, *, rhs_ndim: int) -> None:
+def _validate_operands(lhs, rhs, *, rhs_ndim: int) -> tuple[jax.Array, jax.Array]:
+    """Checks ranks and dtypes; returns both operands in their promoted dtype (as
+    ``jax.lax.ragged_dot`` promotes: bf16 x f32 -> f32)."""
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     if lhs.ndim != 2:
         raise ValueError(f"lhs must have rank 2 ([m, k]), got shape={lhs.shape}")
     if rhs.ndim != rhs_ndim:
         expected = "[E, k, n]" if rhs_ndim == 3 else "[m, n]"
         raise ValueError(f"rhs must have rank {rhs_ndim} ({expected}), got shape={rhs.shape}")
-    if not jnp.issubdtype(lhs.dtype, jnp.floating):
-        raise TypeError(f"lhs must be floating point, got dtype={lhs.dtype}")
-    if lhs.dtype != rhs.dtype:
-        raise TypeError(
-            f"lhs and rhs must share a dtype, got lhs.dtype={lhs.dtype}, rhs.dtype={rhs.dtype}"
-        )
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point, got dtype={x.dtype}")
+    dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    return lhs.astype(dtype), rhs.astype(dtype)
 
 
 def _block_sizes(block_sizes: BlockSizes | None) -> BlockSizes:
@@ -133,6 +136,7 @@ def grouped_matmul(
     *,
     transpose_rhs: bool = False,
     split_k: bool = False,
+    group_offset: jax.Array | int | None = None,
     implementation: str | None = None,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
@@ -141,10 +145,16 @@ def grouped_matmul(
 
     Args:
       lhs: ``[m, k]``, rows sorted by group; f32/bf16 (f16 where the backend allows).
-      rhs: ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs=True``; ``lhs.dtype``.
+      rhs: ``[E, k, n]``, or ``[E, n, k]`` with ``transpose_rhs=True``. Another
+        floating dtype than ``lhs`` is promoted with it (``jnp.promote_types``).
       group_sizes: int32 ``[E]``: group ``g`` owns rows
         ``[sum(group_sizes[:g]), sum(group_sizes[:g + 1]))``. Empty groups are fine;
         if the sizes sum to less than ``m`` the remaining rows come out as zeros.
+        With ``group_offset``: ``[G]``, ``G >= E``, the sizes of all groups.
+      group_offset: megablox's expert-parallel form: ``rhs`` holds groups
+        ``[offset, offset + E)`` of the ``G`` in ``group_sizes``; their rows are
+        computed, every other row is zero. An int or an integer ``[1]`` array (traced
+        is fine).
       transpose_rhs: ``rhs`` is stored ``[E, n, k]`` and used transposed.
       split_k: under a mesh, split the contracted ``k`` over ``model`` (and ``psum``
         the output) instead of ``n``: the layout of a down projection whose weight and
@@ -155,10 +165,25 @@ def grouped_matmul(
       block_sizes: ``BlockSizes`` of the Pallas kernels; ``None`` = default.
 
     Returns:
-      ``[m, n]`` in ``lhs.dtype``, accumulated in f32. Differentiable in ``lhs`` and
-      ``rhs``.
+      ``[m, n]`` in the promoted dtype, accumulated in f32. Differentiable in ``lhs``
+      and ``rhs``.
     """
-    _validate_operands(lhs, rhs, rhs_ndim=3)
+    lhs, rhs = _validate_operands(lhs, rhs, rhs_ndim=3)
+    if group_offset is not None:
+        return _offset_groups(
+            lhs,
+            rhs,
+            _as_array(group_sizes),
+            group_offset,
+            functools.partial(
+                grouped_matmul,
+                transpose_rhs=transpose_rhs,
+                split_k=split_k,
+                implementation=implementation,
+                interpret=interpret,
+                block_sizes=block_sizes,
+            ),
+        )
     num_groups = rhs.shape[0]
     k, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else (rhs.shape[1], rhs.shape[2])
     if lhs.shape[1] != k:
@@ -233,9 +258,9 @@ def transposed_grouped_matmul(
       implementation, interpret, block_sizes: as in ``grouped_matmul``.
 
     Returns:
-      ``[E, k, n]`` in ``lhs.dtype``, accumulated in f32. Differentiable in both.
+      ``[E, k, n]`` in the promoted dtype, accumulated in f32. Differentiable in both.
     """
-    _validate_operands(lhs, rhs, rhs_ndim=2)
+    lhs, rhs = _validate_operands(lhs, rhs, rhs_ndim=2)
     if lhs.shape[0] != rhs.shape[0]:
         raise ValueError(
             f"lhs [m, k] and rhs [m, n] must share m, got lhs.shape={lhs.shape}, "
@@ -272,6 +297,39 @@ def transposed_grouped_matmul(
         ("experts", None, "cols"),
         body=per_expert_shard,
     )
+
+
+def _offset_groups(lhs, rhs, group_sizes, group_offset, gmm) -> jax.Array:
+    """Groups ``[offset, offset + E)`` of ``group_sizes [G]`` against ``rhs [E, ...]``:
+    their rows rolled to the top, ``gmm`` on the local sizes, rolled back."""
+    num_local = rhs.shape[0]
+    if group_sizes.ndim != 1 or group_sizes.shape[0] < num_local:
+        raise ValueError(
+            f"with group_offset, group_sizes must be [G] with G >= rhs.shape[0] = "
+            f"{num_local}, got shape {group_sizes.shape}"
+        )
+    num_groups = group_sizes.shape[0]
+    if isinstance(group_offset, numbers.Integral):
+        group_offset = np.asarray([group_offset])
+    offset = jnp.reshape(jnp.asarray(group_offset), (-1,))
+    if offset.shape != (1,) or not jnp.issubdtype(offset.dtype, jnp.integer):
+        raise ValueError(
+            f"group_offset must be an int or an integer [1] array, got shape "
+            f"{jnp.shape(group_offset)} dtype {offset.dtype}"
+        )
+    if not isinstance(group_offset, jax.core.Tracer):
+        value = int(np.asarray(group_offset).reshape(-1)[0])
+        if not 0 <= value <= num_groups - num_local:
+            raise ValueError(
+                f"group_offset={value} must be in [0, {num_groups - num_local}] "
+                f"(G={num_groups} groups, rhs holds {num_local})"
+            )
+    offset = offset[0].astype(jnp.int32)
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    first_row = jnp.sum(jnp.where(jnp.arange(num_groups) < offset, sizes, 0))
+    local_sizes = jax.lax.dynamic_slice(sizes, (offset,), (num_local,))
+    out = gmm(jnp.roll(lhs, -first_row, axis=0), rhs, local_sizes)
+    return jnp.roll(out, first_row, axis=0)
 
 
 def lowering_cases():

@@ -181,7 +181,7 @@ def gmm(
 
     rhs_block = (None, block_n, block_k) if transpose_rhs else (None, block_k, block_n)
     itemsize = lhs.dtype.itemsize
-    return pl.pallas_call(
+    return _platform.pallas_call(
         functools.partial(
             _gmm_kernel, block_m=block_m, tiles_k=tiles_k, transpose_rhs=transpose_rhs
         ),
@@ -298,7 +298,7 @@ def tgmm(
         return group_ids[s], k_i, n_i  # out[group(s)][k, n]
 
     itemsize = lhs.dtype.itemsize
-    return pl.pallas_call(
+    return _platform.pallas_call(
         functools.partial(_tgmm_kernel, block_m=block_m),
         out_shape=jax.ShapeDtypeStruct((num_groups, k_padded, n_padded), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from capibara.kernels import native_build
+from capibara.kernels import _platform, native_build
 
 TARGET = "capibara_rope_kv_write"
 SOURCE = Path(__file__).with_name("rope_kv_write.cc")
@@ -35,4 +35,6 @@ def rope_kv_write(q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offset
         ),
         input_output_aliases={5: 1, 6: 2},
     )
-    return call(q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offsets)
+    # only_on: in a multi-platform export the TPU module must not hold this call.
+    run = _platform.only_on("cpu", call)
+    return run(q, k, v, cos, sin, k_pages, v_pages, write_pages, write_offsets)
