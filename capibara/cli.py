@@ -5,6 +5,10 @@ capibara generate [--checkpoint DIR] "prompt" [--max-tokens N] [--temperature T]
     random-weight ``tiny`` model (byte-level tokenizer), so it runs with no files.
 capibara bench-serve [--checkpoint DIR] [--requests N] [--prompt-len L] ...
     runs N concurrent requests through the engine and prints its metrics.
+
+``--help`` shows every option with its default. Bad arguments or requests (a missing
+checkpoint, one that does not fit the model, a prompt longer than the context) print
+one ``capibara: error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -119,32 +123,76 @@ def bench_serve(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to every option's help, unless the help states its
+    own default (where the value, e.g. None, would say less)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capibara", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The command line. Every option has a help text: argparse shows defaults only in
+    help texts (tests/capibara/inference/test_cli.py checks each one is shown)."""
+    parser = argparse.ArgumentParser(
+        prog="capibara",
+        description="Serve a Capibara model from the terminal: 'generate' streams one "
+        "completion, 'bench-serve' runs concurrent requests and prints the engine's metrics.",
+        epilog="Run 'capibara COMMAND --help' for the options of a command.",
+        formatter_class=_HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p):
-        p.add_argument("--checkpoint", help="checkpoint directory (default: random tiny model)")
-        p.add_argument("--preset", default="tiny", help="config preset without a checkpoint")
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and compute")
-        p.add_argument("--max-tokens", type=int, default=64)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--slots", type=int, default=8)
-        p.add_argument("--page-size", type=int, default=16)
-        p.add_argument("--prefill-chunk", type=int, default=64)
+        p.add_argument(
+            "--checkpoint",
+            metavar="DIR",
+            help="checkpoint directory: Hugging Face safetensors + config.json, or a "
+            "Capibara checkpoint (default: none, a random-weight --preset model with a "
+            "byte-level tokenizer)",
+        )
+        p.add_argument("--preset", default="tiny", help="config preset when no --checkpoint")
+        p.add_argument(
+            "--dtype",
+            choices=["float32", "bfloat16"],
+            help="dtype of the weights and the compute (default: the checkpoint's or preset's own)",
+        )
+        p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0: off")
+        p.add_argument(
+            "--top-p", type=float, default=1.0, help="nucleus sampling probability; 1: off"
+        )
+        p.add_argument("--seed", type=int, default=0, help="sampling and random-weight seed")
+        p.add_argument("--slots", type=int, default=8, help="sequences decoded together")
+        p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+        p.add_argument(
+            "--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step"
+        )
 
-    gen = sub.add_parser("generate", help="stream one completion to the terminal")
-    gen.add_argument("prompt")
-    gen.add_argument("--max-seq-len", type=int, default=512)
+    def command(name, description):
+        return sub.add_parser(
+            name, help=description, description=description, formatter_class=_HelpFormatter
+        )
+
+    gen = command("generate", "stream one completion to the terminal")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=512,
+        help="prompt + generated tokens at most (rounded up to whole pages; the model's "
+        "max_position_embeddings caps it)",
+    )
     common(gen)
     gen.set_defaults(run=generate)
 
-    bench = sub.add_parser("bench-serve", help="serve concurrent requests, print metrics")
-    bench.add_argument("--requests", type=int, default=64)
-    bench.add_argument("--prompt-len", type=int, default=32, help="prompts of L/2..L tokens")
+    bench = command("bench-serve", "serve concurrent requests, print metrics")
+    bench.add_argument("--requests", type=int, default=64, help="concurrent requests")
+    bench.add_argument(
+        "--prompt-len", type=int, default=32, metavar="L", help="prompts of L/2..L tokens"
+    )
     bench.add_argument("--prometheus", action="store_true", help="print the Prometheus text")
     common(bench)
     bench.set_defaults(run=bench_serve)
@@ -155,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as e:  # bad arguments / requests: a message, not a traceback
+    # Bad arguments or requests (a prompt longer than the context, a checkpoint that
+    # does not fit the model) and missing files: one line, not a traceback.
+    except (ValueError, OSError) as e:
         print(f"capibara: error: {e}", file=sys.stderr)
         return 2
 

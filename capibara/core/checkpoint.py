@@ -125,6 +125,10 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def load_config(directory: pathlib.Path, **overrides) -> CapibaraConfig:
+    if not directory.is_dir():
+        if directory.exists():
+            raise NotADirectoryError(f"checkpoint {directory} is not a directory")
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     own = directory / CAPIBARA_CONFIG
     if own.exists():
         config = ConfigurationManager.load(own)
@@ -132,6 +136,16 @@ def load_config(directory: pathlib.Path, **overrides) -> CapibaraConfig:
     if (directory / "config.json").exists():
         return ConfigurationManager.from_hf_config(directory, **overrides)
     raise FileNotFoundError(f"neither {CAPIBARA_CONFIG} nor config.json in {directory}")
+
+
+def _file_shapes(entry: _Entry, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes ``entry.names`` must have in the file for a parameter of ``shape``.
+
+    What ``entry.save`` would write, run on a zero-strided view: no memory is taken,
+    and the layout (transposes, expert splits) has one definition, the save's.
+    """
+    view = np.broadcast_to(np.zeros((), np.int8), shape)
+    return [tuple(t.shape) for t in entry.save(view)]
 
 
 def _dense_kernels(model) -> dict[str, np.ndarray]:
@@ -154,7 +168,9 @@ def load_weights(model, tensors: dict[str, np.ndarray]) -> None:
 
     Raises:
       ValueError: listing the model parameters with no tensor, the tensors no parameter
-        takes, and shape mismatches -- all of them, not just the first.
+        takes, and shape mismatches -- all of them, not just the first. A mismatch
+        names the file's tensor, its shape in the file and the shape the model needs
+        there, both in the file's layout (``[out, in]`` for linear weights).
     """
     used: set[str] = set()
     missing, mismatched = [], []
@@ -168,11 +184,19 @@ def load_weights(model, tensors: dict[str, np.ndarray]) -> None:
         if absent:
             missing.extend(absent)
             continue
-        value = entry.load([tensors[n] for n in entry.names])
         used.update(entry.names)
-        if value.shape != current.shape:
-            mismatched.append(f"{path}: checkpoint {value.shape} vs model {current.shape}")
+        # Checked per file tensor, before the conversion: a wrong expert tensor would
+        # otherwise fail inside np.stack, and a transposed shape names no file tensor.
+        wrong = [
+            f"{name}: shape {tuple(tensors[name].shape)} in the checkpoint, "
+            f"the model expects {want}"
+            for name, want in zip(entry.names, _file_shapes(entry, current.shape), strict=True)
+            if tuple(tensors[name].shape) != want
+        ]
+        if wrong:
+            mismatched.extend(wrong)
             continue
+        value = entry.load([tensors[n] for n in entry.names])
         var.set_value(jnp.asarray(value, current.dtype))
     unexpected = sorted(set(tensors) - used)
     problems = []

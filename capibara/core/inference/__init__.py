@@ -21,6 +21,7 @@ routers (their routing is not causal); the engine refuses them with a ``ValueErr
 from capibara.core.inference.engine import CapibaraInference
 from capibara.core.inference.metrics import MetricsSnapshot
 from capibara.core.inference.params import (
+    ContextLengthError,
     EngineConfig,
     Generation,
     QueueFullError,
@@ -33,6 +34,7 @@ from capibara.core.inference.tokenizer import ByteTokenizer, HFTokenizer, load_t
 __all__ = [
     "ByteTokenizer",
     "CapibaraInference",
+    "ContextLengthError",
     "EngineConfig",
     "Generation",
     "HFTokenizer",

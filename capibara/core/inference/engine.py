@@ -23,6 +23,7 @@ import numpy as np
 from capibara.core.inference.kv_cache import PagePool
 from capibara.core.inference.metrics import EngineMetrics, MetricsSnapshot, prometheus_text
 from capibara.core.inference.params import (
+    ContextLengthError,
     EngineConfig,
     Generation,
     QueueFullError,
@@ -135,12 +136,38 @@ class CapibaraInference:
             raise ValueError(f"prompt token ids {bad[:8]} outside the vocabulary [0, {vocab})")
         return ids
 
+    @property
+    def max_context(self) -> int:
+        """Prompt + generated tokens one request may hold: ``EngineConfig.max_seq_len``,
+        or the model's ``max_position_embeddings`` where that is smaller."""
+        return min(self.config.max_seq_len, self.model.config.max_position_embeddings)
+
+    def _context_limit(self) -> str:
+        """Which setting ``max_context`` comes from, for error messages."""
+        mc = self.model.config.max_position_embeddings
+        if mc < self.config.max_seq_len:
+            return f"model.config.max_position_embeddings={mc}"
+        return f"EngineConfig.max_seq_len={self.config.max_seq_len}"
+
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
-        total = len(ids) + params.max_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
-                f"EngineConfig.max_seq_len={self.config.max_seq_len}"
+        limit = self.max_context
+        n, total = len(ids), len(ids) + params.max_tokens
+        if n >= limit:  # not even one token would fit after it
+            message = (
+                f"prompt of {n} tokens is too long: the maximum context is {limit} tokens "
+                f"(prompt + generated, {self._context_limit()})"
+            )
+        elif total > limit:
+            message = (
+                f"prompt of {n} tokens + max_tokens={params.max_tokens} exceeds the maximum "
+                f"context of {limit} tokens ({self._context_limit()}); at most "
+                f"max_tokens={limit - n} fits"
+            )
+        else:
+            message = None
+        if message is not None:
+            raise ContextLengthError(
+                message, prompt_tokens=n, max_tokens=params.max_tokens, max_context=limit
             )
         needed = pages_for(total, self.config.page_size)
         if needed > self._pool.capacity:
@@ -183,8 +210,9 @@ class CapibaraInference:
 
     def submit(self, prompt: Prompt, sampling: SamplingParams | None = None, sink=None) -> int:
         """Queues one request; returns its id. Raises ``ValueError``/``TypeError`` for a
-        bad prompt or parameters and ``QueueFullError`` when the queue is full -- in
-        every case before anything is queued."""
+        bad prompt or parameters (``ContextLengthError``, a ``ValueError``, when prompt
+        + ``max_tokens`` exceed ``max_context``) and ``QueueFullError`` when the queue
+        is full -- in every case before anything is queued."""
         request = self._make_request(prompt, sampling, sink or _SyncSink())
         self._enqueue(request)
         return request.id
@@ -285,8 +313,9 @@ class CapibaraInference:
             tail, text, reason, error = "", "", "error", error or repr(e)
         generation = Generation(
             request_id=r.id,
-            prompt_token_ids=tuple(r.prompt),
-            token_ids=tuple(r.output),
+            # Copies: the caller may change its lists; the request's stay the engine's.
+            prompt_token_ids=list(r.prompt),
+            token_ids=list(r.output),
             text=text,
             finish_reason=reason,
             metrics=metrics,

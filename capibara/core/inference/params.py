@@ -7,6 +7,7 @@ All are frozen dataclasses validated on construction; an impossible value raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -14,6 +15,29 @@ import jax
 
 class QueueFullError(RuntimeError):
     """The waiting queue holds ``EngineConfig.max_waiting`` requests: retry later."""
+
+
+class ContextLengthError(ValueError):
+    """A request that cannot fit the context (a client error, HTTP 400 in a server).
+
+    ``max_context`` is the engine's limit on prompt + generated tokens: the smaller of
+    ``EngineConfig.max_seq_len`` and the model's ``max_position_embeddings``. Raised at
+    submission, before anything is queued, so no other request sees it.
+    """
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_tokens: int, max_context: int):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_context = max_context
+
+    def __reduce__(self):  # pickles (e.g. to another process) with its fields
+        fields = dict(
+            prompt_tokens=self.prompt_tokens,
+            max_tokens=self.max_tokens,
+            max_context=self.max_context,
+        )
+        return functools.partial(type(self), **fields), self.args
 
 
 def _int(obj, name: str, *, minimum: int) -> None:
@@ -188,14 +212,19 @@ class RequestMetrics:
 class Generation:
     """A finished request: ``text``, ``token_ids`` and why it stopped.
 
+    ``token_ids`` and ``prompt_token_ids`` are lists (``gen.token_ids == [1, 2]``
+    compares as expected), each the generation's own copy. They are left out of the
+    hash, so a ``Generation`` stays hashable (equal generations still hash equal:
+    the hash reads a subset of the compared fields).
+
     ``finish_reason`` is ``"length"`` (max_tokens or max_seq_len), ``"stop"`` (a stop
     string or token), ``"cancelled"`` or ``"error"`` (then ``error`` says why; the
     other requests are unaffected).
     """
 
     request_id: int
-    prompt_token_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
+    prompt_token_ids: list[int] = dataclasses.field(hash=False)
+    token_ids: list[int] = dataclasses.field(hash=False)
     text: str
     finish_reason: str
     metrics: RequestMetrics

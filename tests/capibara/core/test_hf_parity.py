@@ -121,3 +121,22 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         r".*unexpected tensors: model\.layers\.0\.extra\.weight",
     ):
         CapibaraModel.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_the_hf_tensor_and_its_file_shape(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = build_tiny("LlamaForCausalLM", "LlamaConfig")  # d=64, SwiGLU width 96
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert tensors["model.layers.1.mlp.up_proj.weight"].shape == (96, 64)  # torch [out, in]
+    tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((96, 48), np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as info:
+        CapibaraModel.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert message.endswith(
+        "shape mismatches: model.layers.1.mlp.up_proj.weight: shape (96, 48) in the "
+        "checkpoint, the model expects (96, 64)"
+    )
+    assert "stack.layers" not in message and "(48, 96)" not in message

@@ -4,12 +4,23 @@ isolation, seeded sampling, stop conditions, metrics."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import pickle
 import re
 
 import pytest
 from engine_helpers import make_engine, prompts, reference_greedy
+from flax import nnx
 
-from capibara.core.inference import Generation, QueueFullError, SamplingParams
+from capibara.core.config import preset
+from capibara.core.inference import (
+    ContextLengthError,
+    Generation,
+    QueueFullError,
+    SamplingParams,
+    StreamEvent,
+)
+from capibara.core.model import CapibaraModel
 
 
 @pytest.fixture
@@ -39,6 +50,115 @@ def test_bad_requests_raise_before_anything_is_queued(engine, prompt, params, er
     with pytest.raises(error, match=match):
         engine.submit(prompt, params)
     assert engine.metrics().queue_depth == 0 and engine.metrics().running == 0
+
+
+@pytest.mark.parametrize(
+    "n,max_tokens,match",
+    [
+        (97, 1, r"prompt of 97 tokens is too long: the maximum context is 96 tokens"),
+        (96, 1, r"prompt of 96 tokens is too long: the maximum context is 96 tokens"),
+        (500, 4, r"prompt of 500 tokens is too long: the maximum context is 96 tokens"),
+        (90, 10, r"prompt of 90 tokens \+ max_tokens=10 exceeds the maximum context of 96"),
+    ],
+    ids=["one-past", "no-room-to-generate", "far-past", "prompt-fits-tokens-do-not"],
+)
+def test_prompt_longer_than_the_context_names_length_and_limit(engine, n, max_tokens, match):
+    for submit in (
+        lambda: engine.submit([1] * n, SamplingParams(max_tokens=max_tokens)),
+        lambda: engine.generate_batch([[2, 3], [1] * n], SamplingParams(max_tokens=max_tokens)),
+    ):
+        with pytest.raises(ContextLengthError, match=match) as info:
+            submit()
+        assert "EngineConfig.max_seq_len=96" in str(info.value)
+        assert isinstance(info.value, ValueError)  # a client error: HTTP 400 in a server
+        assert (info.value.prompt_tokens, info.value.max_tokens) == (n, max_tokens)
+        assert info.value.max_context == engine.max_context == 96
+        copy = pickle.loads(pickle.dumps(info.value))  # e.g. sent to another process
+        assert (str(copy), copy.prompt_tokens, copy.max_context) == (str(info.value), n, 96)
+    # Nothing was queued, not even the valid prompt of the batch.
+    m = engine.metrics()
+    assert m.queue_depth == 0 and m.running == 0 and m.requests_finished == {}
+
+
+def test_the_model_context_caps_the_engine_context():
+    config = preset("tiny", implementation="xla", max_position_embeddings=40)
+    model = CapibaraModel(config, rngs=nnx.Rngs(0))
+    engine = make_engine(model)  # max_seq_len=96
+    assert engine.max_context == 40
+    with pytest.raises(
+        ContextLengthError,
+        match=r"prompt of 41 tokens is too long: the maximum context is 40 tokens "
+        r"\(prompt \+ generated, model\.config\.max_position_embeddings=40\)",
+    ):
+        engine.submit([1] * 41, SamplingParams(max_tokens=1))
+    with pytest.raises(ContextLengthError, match=r"at most max_tokens=10 fits"):
+        engine.submit([1] * 30, SamplingParams(max_tokens=11))
+    engine.close()
+
+
+def test_too_long_prompt_rejected_while_a_valid_request_runs(engine, tiny_model):
+    prompt = prompts(1, lengths=(10, 11), seed=18)[0]
+
+    async def main():
+        valid = asyncio.create_task(engine.generate_async(prompt, SamplingParams(max_tokens=12)))
+        for _ in range(2000):  # until the valid request is in the batch
+            await asyncio.sleep(0.005)
+            if engine.metrics().running:
+                break
+        assert engine.metrics().running == 1
+        with pytest.raises(ContextLengthError, match="prompt of 200 tokens is too long"):
+            await engine.generate_async([1] * 200, SamplingParams(max_tokens=4))
+        with pytest.raises(ContextLengthError, match="prompt of 200 tokens is too long"):
+            async for _ in engine.stream([1] * 200, SamplingParams(max_tokens=4)):
+                pass
+        with pytest.raises(ContextLengthError):
+            engine.submit([1] * 200, SamplingParams(max_tokens=4))
+        return await valid
+
+    gen = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert gen.finish_reason == "length"
+    assert gen.token_ids == reference_greedy(tiny_model, prompt, 12)
+    assert engine.metrics().requests_finished == {"length": 1}
+    assert _all_pages_back(engine)
+
+
+def test_generation_token_ids_are_lists_in_every_path(engine, tiny_model):
+    prompt = prompts(1, lengths=(5, 6), seed=19)[0]
+    want = reference_greedy(tiny_model, prompt, 5)
+    params = SamplingParams(max_tokens=5)
+    [batch] = engine.generate_batch([prompt], params)
+
+    class Sink:
+        generation = None
+
+        def on_token(self, *args):
+            pass
+
+        def on_finish(self, request, generation, text):
+            self.generation = generation
+
+    sink = Sink()
+    engine.submit(prompt, params, sink=sink)
+
+    async def main():
+        one = await engine.generate_async(prompt, params)
+        [listed] = await engine.generate_async([prompt], params)
+        events = [e async for e in engine.stream(prompt, params)]
+        return one, listed, events
+
+    one, listed, events = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    engine.close(drain=True, timeout=60)
+    streamed = events[-1].generation
+    for gen in (batch, sink.generation, one, listed, streamed):
+        assert type(gen.token_ids) is list and gen.token_ids == want  # no list() needed
+        assert type(gen.prompt_token_ids) is list and gen.prompt_token_ids == prompt
+    assert [e.token_id for e in events[:-1]] == want
+    # Still hashable, consistently with ==; the lists are each generation's own.
+    assert hash(batch) == hash(dataclasses.replace(batch)) and batch == dataclasses.replace(batch)
+    assert len({one, dataclasses.replace(one)}) == 1 and hash(events[-1]) is not None
+    assert isinstance(events[-1], StreamEvent)
+    one.token_ids.append(-1)
+    assert listed.token_ids == want and one != dataclasses.replace(one, token_ids=want)
 
 
 def test_request_that_can_never_fit_is_rejected(tiny_model):
