@@ -30,17 +30,18 @@ def visible(q_pos, k_pos, length, sliding_window: int | None):
     return mask
 
 
-def live_range(lengths, num_queries: int, sliding_window: int | None):
+def live_range(lengths, num_queries: int, sliding_window: int | None, *, xp=jnp):
     """``(lo, hi)``: the key positions ``[lo, hi)`` some query of the sequence sees.
 
     Keys outside this range are never read for the result: pages wholly outside it are
     skipped, and whatever they hold (stale or NaN data, evicted pages) is ignored.
+    ``xp``: ``jax.numpy``, or ``numpy`` for the host-side input checks.
     """
     hi = lengths
     if sliding_window is None:
-        return jnp.zeros_like(lengths), hi
+        return xp.zeros_like(lengths), hi
     # The first query (position hi - num_queries) reaches back furthest.
-    return jnp.maximum(hi - num_queries - sliding_window + 1, 0), hi
+    return xp.maximum(hi - num_queries - sliding_window + 1, 0), hi
 
 
 def soft_cap(s, logits_soft_cap: float | None):

@@ -203,6 +203,7 @@ def paged_attention(
     qr = q.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
     table = jnp.clip(page_table, 0, num_pages - 1).astype(jnp.int32).reshape(-1)
+    lengths = jnp.clip(lengths, 0, pages_per_seq * page_size)  # as every implementation
     # Query row r is query r // G, at position length + r // G - S. Mosaic has no vector
     # integer division, so the offsets come in as a constant block shaped like the
     # logits (fetched once). Padded rows get a position before 0: they see nothing.
@@ -234,7 +235,7 @@ def paged_attention(
     row_spec = pl.BlockSpec((None, None, rows_p, d), q_rows)
     offset_spec = pl.BlockSpec((rows_p, block_tokens), whole)
     capacity = pages_per_seq * page_size
-    out = pl.pallas_call(
+    out = _platform.pallas_call(
         functools.partial(
             _paged_attention_kernel,
             pages_per_block=ppb,

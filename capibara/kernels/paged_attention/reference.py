@@ -34,13 +34,16 @@ def paged_attention(
     hkv, num_pages, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     t = pages_per_seq * page_size
+    # Out-of-range values are clipped (the public op checks them): no read outside
+    # the pools, whatever the table or the lengths hold.
     table = jnp.clip(page_table, 0, num_pages - 1)
+    lengths = jnp.clip(lengths, 0, t)
     # [Hkv, B, pages_per_seq, page_size, D] -> [B, Hkv, T, D]
     k = k_pages[:, table].reshape(hkv, b, t, d).transpose(1, 0, 2, 3).astype(jnp.float32)
     v = v_pages[:, table].reshape(hkv, b, t, d).transpose(1, 0, 2, 3).astype(jnp.float32)
 
     q_pos = lengths[:, None] - s + jnp.arange(s)[None, :]  # [B, S]
-    k_pos = jnp.arange(t)
+    k_pos = jnp.arange(t)[None, None, :]  # explicit ranks: rank_promotion="raise" holds
     mask = common.visible(q_pos[:, :, None], k_pos, lengths[:, None, None], sliding_window)
     # Keys no query sees may hold anything (NaN in never-written slots): zero them so
     # that 0 * NaN cannot reach the output.

@@ -73,8 +73,11 @@ def paged_attention(
     num_blocks = -(-pages_per_seq // ppb)
     bt = ppb * page_size
 
-    # Unused entries may be garbage: clip into the pool (their tokens are masked).
+    # Unused entries may be garbage: clip into the pool (their tokens are masked). A
+    # length past the table would loop past its last block (dynamic_slice then clamps
+    # and rereads it as later tokens): clip it too.
     table = jnp.clip(page_table, 0, num_pages - 1)
+    lengths = jnp.clip(lengths, 0, pages_per_seq * page_size)
     table = jnp.pad(table, ((0, 0), (0, num_blocks * ppb - pages_per_seq)))
     lo, hi = common.live_range(lengths, s, sliding_window)
 
@@ -98,7 +101,7 @@ def paged_attention(
         k_parts = _widen(k_pool[:, pages].reshape(hkv, b, bt, dp), split)
         v_parts = _widen(v_pool[:, pages].reshape(hkv, b, bt, dp), split)
         k_pos = i * bt + jnp.arange(bt)
-        live = (k_pos >= lo[:, None]) & (k_pos < hi[:, None])  # [B, bt]
+        live = (k_pos[None, :] >= lo[:, None]) & (k_pos[None, :] < hi[:, None])  # [B, bt]
         # 0 * NaN would poison p @ v: values no query sees are zeroed.
         v_parts = [jnp.where(live[None, :, :, None], v, 0.0) for v in v_parts]
 
@@ -120,8 +123,8 @@ def paged_attention(
         return m_new, denom, acc
 
     # Only blocks that some sequence needs; an empty batch runs no step.
-    first = jnp.min(jnp.where(hi > lo, lo, num_blocks * bt)) // bt
-    last = (jnp.max(hi) + bt - 1) // bt
+    first = jnp.min(jnp.where(hi > lo, lo, num_blocks * bt), initial=num_blocks * bt) // bt
+    last = (jnp.max(hi, initial=0) + bt - 1) // bt
     m0 = jnp.full((b, hkv, rows), common.NEG, jnp.float32)
     init = (m0, jnp.zeros_like(m0), jnp.zeros((b, hkv, rows, d), jnp.float32))
     _, denom, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), step, init)

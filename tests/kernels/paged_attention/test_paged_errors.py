@@ -49,9 +49,18 @@ BAD = {
     "mixed-dtypes": (dict(q=jnp.zeros((B, HQ, D), jnp.bfloat16)), {}, TypeError, "share a dtype"),
     "window=0": ({}, dict(sliding_window=0), ValueError, "sliding_window"),
     "window=-3": ({}, dict(sliding_window=-3), ValueError, "sliding_window"),
-    "window=2.5": ({}, dict(sliding_window=2.5), ValueError, "sliding_window"),
+    "window=2.5": ({}, dict(sliding_window=2.5), TypeError, "sliding_window"),
+    "window=True": ({}, dict(sliding_window=True), TypeError, "sliding_window"),
+    "window=array": ({}, dict(sliding_window=np.array([4])), TypeError, "sliding_window"),
     "softcap=0": ({}, dict(logits_soft_cap=0.0), ValueError, "logits_soft_cap"),
+    "softcap=-1": ({}, dict(logits_soft_cap=np.float32(-1)), ValueError, "logits_soft_cap"),
+    "softcap=str": ({}, dict(logits_soft_cap="5"), TypeError, "logits_soft_cap"),
     "scale=nan": ({}, dict(scale=float("nan")), ValueError, "scale"),
+    "scale=str": ({}, dict(scale="0.1"), TypeError, "scale"),
+    "scale=True": ({}, dict(scale=True), TypeError, "scale"),
+    "interpret=1": ({}, dict(interpret=1), TypeError, "interpret must be a bool"),
+    "interpret=str": ({}, dict(interpret="yes"), TypeError, "interpret must be a bool"),
+    "interpret=None": ({}, dict(interpret=None), TypeError, "interpret must be a bool"),
     "implementation": ({}, dict(implementation="cuda"), ValueError, "implementation"),
     "interpret-with-xla": (
         {},
@@ -87,11 +96,81 @@ def test_prefill_wants_rank_4_queries():
         paged_prefill_attention(**inputs())
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+@pytest.mark.parametrize("entry", ["decode", "prefill"])
+@pytest.mark.parametrize("name", ["window=True", "interpret=1", "scale=str"])
+def test_both_entry_points_name_themselves(name, entry):
+    overrides, kwargs, error, _ = BAD[name]
+    args = inputs(**overrides)
+    op = paged_attention
+    if entry == "prefill":
+        op, args["q"] = paged_prefill_attention, args["q"][:, None]
+    with pytest.raises(error, match=f"^{op.__name__}: "):
+        op(**args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "value,error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)]
+)
 @pytest.mark.parametrize("field", ["pages_per_block", "xla_pages_per_block"])
-def test_block_sizes_validated(field, value):
-    with pytest.raises(ValueError, match=field):
+def test_block_sizes_validated(field, value, error):
+    with pytest.raises(error, match=field):
         BlockSizes(**{field: value})
+
+
+def test_block_sizes_take_numpy_integers_as_ints():
+    blocks = BlockSizes(pages_per_block=np.int64(2), xla_pages_per_block=np.int32(3))
+    assert blocks == BlockSizes(pages_per_block=2, xla_pages_per_block=3)
+    assert type(blocks.pages_per_block) is int and type(blocks.xla_pages_per_block) is int
+
+
+def _problem():
+    """A small random problem with every slot valid (lengths 13 and 20, 3 slots of 8)."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, HQ, D)).astype(np.float32)
+    k = rng.standard_normal((HKV, P, PAGE, D)).astype(np.float32)
+    v = rng.standard_normal((HKV, P, PAGE, D)).astype(np.float32)
+    return q, k, v, np.array([13, 20], np.int32), np.array([[4, 1, 0], [2, 5, 3]], np.int32)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_numpy_scalars_where_python_scalars_are_asked(impl):
+    args = _problem()
+    want = paged_attention(
+        *args,
+        scale=0.25,
+        logits_soft_cap=3.0,
+        sliding_window=7,
+        implementation=impl,
+        block_sizes=BlockSizes(xla_pages_per_block=2),
+    )
+    got = paged_attention(
+        *args,
+        scale=np.float32(0.25),
+        logits_soft_cap=np.int64(3),
+        sliding_window=np.int64(7),
+        implementation=impl,
+        interpret=np.bool_(False),
+        block_sizes=BlockSizes(xla_pages_per_block=np.int64(2)),
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # a different window really changes the result (the values are used, not ignored)
+    other = paged_attention(*args, sliding_window=np.int64(3), implementation=impl)
+    assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-3
+
+
+@pytest.mark.parametrize("entry", ["decode", "prefill"])
+def test_lists_convert_like_jax_numpy(entry):
+    q, k, v, lengths, table = _problem()
+    op = paged_attention
+    if entry == "prefill":
+        op, q = paged_prefill_attention, q[:, None]
+    want = op(q, k, v, lengths, table, implementation="reference")
+    as_lists = [x.tolist() for x in (q, k, v, lengths, table)]
+    got = op(*as_lists, implementation="reference")
+    assert got.dtype == jnp.asarray(as_lists[0]).dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(TypeError, match="lengths must be an integer array"):
+        op(q, k, v, [13.0, 20.0], table, implementation="reference")
 
 
 @pytest.mark.skipif(jax.default_backend() == "tpu", reason="the kernel compiles on TPU")
