@@ -72,6 +72,11 @@ def main() -> int:
             failed += 1
             status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append((case.name, case.platform, f"{time.perf_counter() - start:.1f}s", status))
+    from capibara.kernels import multiplatform  # imports every op
+
+    for name, platforms, status in multiplatform.rows():
+        failed += status.startswith("FAILED")
+        rows.append((name, platforms, "-", status))
     widths = [
         max(len(r[i]) for r in [("kernel", "platform", "time", "status"), *rows]) for i in range(4)
     ]
