@@ -12,7 +12,7 @@ K ?=
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test bench lower lint format clean install lock
+.PHONY: test test-strict bench lower lint format clean install lock
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ COV ?=
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 \
 		$(if $(COV),--cov=capibara --cov-report=term) $(if $(K),-k '$(K)') $(PYTEST_ARGS)
+
+# The op and model tests once more under jax_numpy_rank_promotion="raise" and
+# jax_enable_checks=True (conftest.py reads CAPIBARA_STRICT). Slower than `make test`,
+# so a job of its own; tests/kernels/test_strict_configs.py covers a sweep in `make test`.
+test-strict: $(STAMP)
+	CAPIBARA_STRICT=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests/kernels tests/capibara/core \
+		$(if $(K),-k '$(K)') $(PYTEST_ARGS)
 
 # Benchmarks (pytest-benchmark cases in benchmarks/bench_*.py) -> one table + JSON.
 bench: $(STAMP)

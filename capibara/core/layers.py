@@ -26,6 +26,12 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
+def last_axis(v: jax.Array, ndim: int) -> jax.Array:
+    """``v [d]`` shaped ``[1, ..., 1, d]`` (``ndim`` dims) to broadcast over ``[..., d]``
+    explicitly: the model runs under ``jax_numpy_rank_promotion="raise"``."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 class RMSNorm(nnx.Module):
     """``x / rms(x) * weight``, computed in f32, returned in ``x.dtype``."""
 
@@ -36,7 +42,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):  # [..., dim]
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.weight.get_value().astype(jnp.float32)).astype(x.dtype)
+        weight = last_axis(self.weight.get_value().astype(jnp.float32), x.ndim)
+        return (normed * weight).astype(x.dtype)
 
 
 def matmul_f32(x, w, *, w_transposed: bool = False, implementation: str | None = None):
@@ -130,7 +137,7 @@ class Linear(nnx.Module):
             )
             y = y.astype(self.compute_dtype)
         if self.bias is not None:
-            y = y + self.bias.get_value().astype(self.compute_dtype)
+            y = y + last_axis(self.bias.get_value().astype(self.compute_dtype), y.ndim)
         return y
 
 
@@ -163,7 +170,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.nd
 
 def rope_angles(positions, inv_freq) -> tuple[jax.Array, jax.Array]:
     """``(cos, sin)`` of ``positions [...]`` times ``inv_freq``: f32 ``[..., D/2]`` each."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * last_axis(inv_freq, positions.ndim + 1)
     return jnp.cos(angles), jnp.sin(angles)
 
 

@@ -179,7 +179,7 @@ class TokenRouter(BaseRouter):
 
         # The balancing bias shifts which experts are *selected*; the weights stay the
         # unbiased scores, so the bias never changes what a chosen expert contributes.
-        selection = scores if self.bias is None else scores + self.bias[...]
+        selection = scores if self.bias is None else scores + self.bias[...][None, :]
         _, expert_ids = jax.lax.top_k(selection, cfg.top_k)
         weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
         if cfg.renormalize:
