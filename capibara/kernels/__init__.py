@@ -6,6 +6,7 @@ implementation runs where.
 """
 
 from capibara.kernels import moe
+from capibara.kernels.attention_compat import dot_product_attention, nnx_attention_fn
 from capibara.kernels.block_sparse import BlockSparseMatrix, block_sparse_matmul
 from capibara.kernels.decode_matmul import decode_matmul
 from capibara.kernels.flash_attention import flash_attention
@@ -18,9 +19,11 @@ __all__ = [
     "BlockSparseMatrix",
     "block_sparse_matmul",
     "decode_matmul",
+    "dot_product_attention",
     "flash_attention",
     "grouped_matmul",
     "moe",
+    "nnx_attention_fn",
     "paged_attention",
     "paged_prefill_attention",
     "ragged_dot",

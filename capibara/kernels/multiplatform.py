@@ -67,9 +67,34 @@ def cases() -> list[MultiPlatformCase]:
     def sparse_mm(x, **kw):
         return kernels.block_sparse_matmul(x, sparse, **kw)
 
-    # flash_attention is not listed yet: its kernels still call pl.pallas_call directly
-    # (being reworked), so its tpu+cpu export still fails.
+    attn_args = (_normal(12, (1, 128, 4, 64)), _normal(13, (1, 256, 2, 64)))
+    attn_args = (*attn_args, _normal(14, (1, 256, 2, 64)))
+
+    def causal_attention(q, k, v, **kw):
+        return kernels.flash_attention(q, k, v, causal=True, **kw)
+
+    def attention_grads(q, k, v, **kw):
+        # dq, dk, dv of a scalar loss: exports the two backward kernels too.
+        def loss(q, k, v):
+            return jnp.sum(causal_attention(q, k, v, **kw) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
     return [
+        MultiPlatformCase(
+            "flash_attention",
+            causal_attention,
+            ref(causal_attention),
+            attn_args,
+            True,
+        ),
+        MultiPlatformCase(
+            "flash_attention.grad",
+            attention_grads,
+            ref(attention_grads),
+            attn_args,
+            True,
+        ),
         MultiPlatformCase(
             "grouped_matmul",
             kernels.grouped_matmul,

@@ -1,13 +1,18 @@
 """Flash attention: ``softmax(q kᵀ · scale) v`` without materializing the scores.
 
-    out = capibara.kernels.flash_attention(q, k, v, causal=True)        # [B, S, Hq, D]
+    out = capibara.kernels.flash_attention(q, k, v, causal=True)        # [B, S, Hq, Dv]
 
 Features: GQA/MQA (``Hq`` a multiple of ``Hkv``; k/v are never repeated in memory),
-``S != T`` with causal aligned bottom-right (query ``i`` sits at key position
-``T - S + i``), ``segment_ids`` for packed sequences, ``sliding_window``,
-``logits_soft_cap``, any ``S``, ``T``, ``D``; a query that sees no key returns zeros.
-f32 and bf16 inputs, f32 softmax statistics. Differentiable (``custom_vjp`` whose
-backward kernel recomputes probabilities from the saved log-sum-exp).
+``v`` with its own head dim (``Dv``, e.g. MLA's qk 192 / v 128), ``S != T`` with causal
+aligned bottom-right (query ``i`` sits at key position ``T - S + i``) or top-left
+(``alignment="top_left"``: position ``i``, as ``jax.nn.dot_product_attention``),
+``segment_ids`` for packed sequences, ``sliding_window`` or ``jax.nn``'s
+``local_window_size=(left, right)``, ``logits_soft_cap``, a static or traced ``scale``,
+any ``S``, ``T``, ``D``; a query that sees no key returns zeros. Inputs ``[B, S, H, D]``,
+unbatched ``[S, H, D]`` or several batch dims ``[..., S, H, D]``. f32 and bf16 inputs
+(f16 too), f32 softmax statistics. Differentiable (``custom_vjp`` whose backward kernel
+recomputes probabilities from the saved log-sum-exp); ``return_residual=True`` also
+returns that log-sum-exp (differentiable as well).
 
 Implementations (``implementation=``):
   * ``"reference"``: materialized ``[B, H, S, T]`` scores; the oracle (plain autodiff).
@@ -19,6 +24,9 @@ Implementations (``implementation=``):
     the visible (query tile, key tile) pairs by scalar prefetch; fully masked tiles
     are not in the grid. The TPU default; ``interpret=True`` runs it in the Pallas TPU
     interpreter anywhere (this is how it is tested on CPU).
+
+``capibara.kernels.dot_product_attention`` (``attention_compat``) is the drop-in for
+``jax.nn.dot_product_attention`` built on this op.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 from capibara.kernels import _mesh, _platform
-from capibara.kernels.flash_attention import ops, reference
+from capibara.kernels.flash_attention import _args, ops, reference
 from capibara.kernels.flash_attention.masks import MaskSpec
 
 __all__ = ["BlockSizes", "MaskSpec", "flash_attention", "flops"]
@@ -58,8 +67,10 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_q", "block_k", "xla_block_q", "xla_block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0 or value % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {name}={value}")
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not ok or value <= 0 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {name}={value!r}")
+            object.__setattr__(self, name, int(value))  # numpy ints -> int (hashable, static)
 
     @classmethod
     def get_default(cls) -> BlockSizes:
@@ -70,42 +81,6 @@ def flops(b: int, h: int, s: int, t: int, d: int, *, causal: bool, backward: boo
     """Nominal attention FLOPs: ``4·B·H·S·T·D``, ×0.5 causal, ×2.5 with backward."""
     f = 4 * b * h * s * t * d
     return f * (0.5 if causal else 1.0) * (2.5 if backward else 1.0)
-
-
-def _validate(q, k, v, segment_ids, sliding_window, logits_soft_cap, scale) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got {x.shape=}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be floating point, got {x.dtype=}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {k.shape=}, {v.shape=}")
-    (b, s, hq, d), (bk, t, hkv, dk) = q.shape, k.shape
-    if b != bk or d != dk:
-        raise ValueError(f"q and k must agree on batch and head_dim, got {q.shape=}, {k.shape=}")
-    if s == 0 or t == 0 or hq == 0 or hkv == 0 or d == 0:
-        raise ValueError(f"empty dimension in {q.shape=} or {k.shape=}")
-    if hq % hkv:
-        raise ValueError(f"query heads must be a multiple of kv heads, got Hq={hq}, Hkv={hkv}")
-    if segment_ids is not None:
-        if not (isinstance(segment_ids, tuple | list) and len(segment_ids) == 2):
-            raise TypeError("segment_ids must be a pair (q_segments [B, S], kv_segments [B, T])")
-        qs, ks = segment_ids
-        if qs.shape != (b, s) or ks.shape != (b, t):
-            raise ValueError(
-                f"segment_ids must be [B, S]={(b, s)} and [B, T]={(b, t)}, "
-                f"got {qs.shape=}, {ks.shape=}"
-            )
-        if not (jnp.issubdtype(qs.dtype, jnp.integer) and jnp.issubdtype(ks.dtype, jnp.integer)):
-            raise TypeError(f"segment_ids must be integers, got {qs.dtype}, {ks.dtype}")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
-        raise ValueError(f"sliding_window must be a positive int, got {sliding_window=}")
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap=}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale=}")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -120,44 +95,76 @@ def flash_attention(
     causal: bool = False,
     segment_ids: tuple[jax.Array, jax.Array] | None = None,
     sliding_window: int | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    alignment: str = "bottom_right",
     logits_soft_cap: float | None = None,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     implementation: str | None = None,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
-) -> jax.Array:
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention in the layout of ``jax.nn.dot_product_attention``.
 
     Args:
-      q: ``[B, S, Hq, D]`` queries.
-      k: ``[B, T, Hkv, D]`` keys, ``Hq % Hkv == 0`` (GQA; ``Hkv = 1`` is MQA).
-      v: ``[B, T, Hkv, D]`` values.
-      causal: query ``i`` sees keys ``j <= T - S + i`` (bottom-right aligned).
-      segment_ids: ``(q_segments int[B, S], kv_segments int[B, T])``; a query sees only
-        keys of its own segment.
-      sliding_window: ``w``: query ``i`` sees keys ``j > T - S + i - w`` (with ``causal``,
-        the last ``w`` keys up to itself; without, also ``j < T - S + i + w``).
+      q: ``[..., S, Hq, D]`` queries (``[B, S, Hq, D]``, unbatched ``[S, Hq, D]``, or
+        several batch dims); any array-like.
+      k: ``[..., T, Hkv, D]`` keys, ``Hq % Hkv == 0`` (GQA; ``Hkv = 1`` is MQA).
+      v: ``[..., T, Hkv, Dv]`` values (``Dv`` may differ from ``D``).
+      causal: query ``i`` sees keys ``j <= p(i)``, its key position ``p(i)`` (see
+        ``alignment``).
+      segment_ids: ``(q_segments int[..., S], kv_segments int[..., T])``; a query sees
+        only keys of its own segment.
+      sliding_window: ``w``: query ``i`` sees keys ``j > p(i) - w`` (with ``causal``,
+        the last ``w`` keys up to itself; without, also ``j < p(i) + w``).
+      local_window_size: ``jax.nn``'s window, exclusive with ``sliding_window``:
+        ``(left, right)``: keys ``p(i) - left <= j <= p(i) + right``; an int ``w`` is
+        ``(w, w)``. ``sliding_window=w`` with ``causal`` equals ``(w - 1, 0)``.
+      alignment: ``"bottom_right"`` (``p(i) = T - S + i``: the last query sees the last
+        key, as prefill onto a cache) or ``"top_left"`` (``p(i) = i``, ``jax.nn``'s).
+        Fully masked tiles are skipped either way.
       logits_soft_cap: ``c``: logits become ``c · tanh(logits / c)`` before masking.
-      scale: logit scale; ``None`` = ``1 / sqrt(D)``.
+      scale: logit scale; ``None`` = ``1 / sqrt(D)``. A traced scalar (under ``jit`` or
+        ``grad``) works too: it is applied to ``q`` before the kernels (for bf16 ``q``
+        that rounds ``q · scale`` to bf16), a static number inside them.
       implementation: ``None`` (best for the platform, decided at lowering), ``"pallas"``,
         ``"xla"`` or ``"reference"``.
       interpret: run the Pallas kernels in the Pallas TPU interpreter.
       block_sizes: ``BlockSizes``; ``None`` = default.
+      return_residual: also return the log-sum-exp of each row's logits.
 
     Returns:
-      ``[B, S, Hq, D]`` in ``q.dtype``. Rows that see no key are zeros.
+      ``out [..., S, Hq, Dv]`` in ``q.dtype``; rows that see no key are zeros. With
+      ``return_residual``, ``(out, lse [..., S, Hq] f32)`` with ``lse = -inf`` for those rows.
     """
-    _validate(q, k, v, segment_ids, sliding_window, logits_soft_cap, scale)
-    block_sizes = block_sizes or BlockSizes.get_default()
+    x = _args.inputs(q, k, v, segment_ids)
+    (_, s, hq, d), (_, t, hkv, dv) = x.q.shape, x.v.shape
+    spec = _args.mask_spec(
+        s,
+        t,
+        causal=causal,
+        sliding_window=sliding_window,
+        local_window_size=local_window_size,
+        alignment=alignment,
+    )
+    cap = None
+    if logits_soft_cap is not None:
+        cap = _args.as_float("logits_soft_cap", logits_soft_cap)
+        if cap <= 0:
+            raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap=}")
+    interpret = _args.as_bool("interpret", interpret)
+    return_residual = _args.as_bool("return_residual", return_residual)
+    block_sizes = BlockSizes.get_default() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be BlockSizes, got {type(block_sizes).__name__}")
-    (_, s, hq, d), (_, t, hkv, _) = q.shape, k.shape
-    spec = MaskSpec(q_len=s, kv_len=t, causal=causal, sliding_window=sliding_window)
+    scale = _args.scale(scale)
+    qx = x.q
+    if isinstance(scale, jax.Array):
+        # A traced scale cannot be a static kernel constant: fold it into q (exact in f32;
+        # autodiff then gives dq·scale and d(scale) = Σ dq'·q outside the kernels).
+        qx = (qx.astype(jnp.float32) * scale).astype(qx.dtype)
+        scale = 1.0
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
-    cap = None if logits_soft_cap is None else float(logits_soft_cap)
-    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-    if q_seg is not None:
-        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
     def backend_call(backend, q, k, v, q_seg, kv_seg):
         if backend == "pallas":
@@ -172,7 +179,7 @@ def flash_attention(
         return ops.attention(q, k, v, q_seg, kv_seg, cfg)
 
     def reference_call(q, k, v, q_seg, kv_seg):
-        return reference.attention(q, k, v, q_seg, kv_seg, spec=spec, scale=scale, cap=cap)
+        return reference.attention_and_lse(q, k, v, q_seg, kv_seg, spec=spec, scale=scale, cap=cap)
 
     run = _platform.dispatch(
         "flash_attention",
@@ -187,13 +194,17 @@ def flash_attention(
     heads = ("batch", None, "heads", None)
     kv_heads = ("batch", None, "kv_heads", None)
     segments = ("batch", None)
-    return _mesh.run_per_shard(
+    out, lse = _mesh.run_per_shard(
         "flash_attention",
         run,
-        (q, k, v, q_seg, kv_seg),
+        (qx, x.k, x.v, x.q_seg, x.kv_seg),
         (heads, kv_heads, kv_heads, segments, segments),
-        heads,
+        (heads, ("batch", None, "heads")),
     )
+    out = out.reshape(*x.lead, s, hq, dv)
+    if return_residual:
+        return out, lse.reshape(*x.lead, s, hq)
+    return out
 
 
 def lowering_cases():
@@ -219,8 +230,25 @@ def lowering_cases():
         out, vjp = jax.vjp(forward, q, k, v)
         return vjp(out)
 
+    # DeepSeek MLA head dims (qk 192, v 128), jax.nn's top-left window over T = 2S.
+    mla_q = jax.ShapeDtypeStruct((b, s, hq, 192), jnp.bfloat16)
+    mla_k = jax.ShapeDtypeStruct((b, 2 * s, hkv, 192), jnp.bfloat16)
+    mla_v = jax.ShapeDtypeStruct((b, 2 * s, hkv, 128), jnp.bfloat16)
+
+    def mla_backward(q, k, v):
+        def f(q, k, v):
+            return attend(q, k, v, local_window_size=(200, 0), alignment="top_left")
+
+        out, vjp = jax.vjp(f, q, k, v)
+        return vjp(out)
+
     return [
         LoweringCase("flash_attention.forward", forward, (q, kv, kv)),
         LoweringCase("flash_attention.forward(segments)", forward_segments, (q, kv, kv, *segs)),
         LoweringCase("flash_attention.backward(dq,dk,dv)", backward, (q, kv, kv)),
+        LoweringCase(
+            "flash_attention.fwd+bwd(mla d=192/dv=128, top-left window)",
+            mla_backward,
+            (mla_q, mla_k, mla_v),
+        ),
     ]

@@ -7,10 +7,11 @@ reaches the kernels by scalar prefetch and the grid walks it, so a fully masked 
 is neither fetched nor multiplied; tiles inside the triangle run without the element
 mask. The cost estimates count exactly the listed tiles.
 
-Layout inside: heads-major ``q [B, Hq, Sp, D]``, ``k, v [B, Hkv, Tp, D]`` (S, T padded
-to the tiles; D whole, so any D works). GQA: the k/v index maps read kv head
-``h // G``; dk/dv of a kv head accumulate over its ``G`` query heads in the grid (an
-inner grid axis), so k/v are never repeated. Softmax statistics are f32 and, as in
+Layout inside: heads-major ``q [B, Hq, Sp, D]``, ``k [B, Hkv, Tp, D]``, ``v [B, Hkv, Tp,
+Dv]`` (S, T padded to the tiles; D and Dv whole, so any head dims work, and ``Dv`` may
+differ from ``D``). GQA: the k/v index maps read kv head ``h // G``; dk/dv of a kv
+head accumulate over its ``G`` query heads in the grid (an inner grid axis), so k/v
+are never repeated. Softmax statistics are f32 and, as in
 JAX's own kernels, lane-replicated ``[.., 128]`` so they tile on TPU.
 
 Verified here only in the Pallas TPU interpreter (``interpret=True``) and by exporting
@@ -199,10 +200,15 @@ def _seg_specs(segs, q_index, k_index, block_q, block_k):
     ]
 
 
+def lse_from_tiles(lse, s):
+    """``lse [B, Hq, Sp, 128] -> [B, S, Hq]`` (the public layout)."""
+    return lse[:, :, :s, 0].transpose(0, 2, 1)
+
+
 def forward(q, k, v, q_seg, kv_seg, *, spec, scale, cap, block_q, block_k, interpret=False):
-    """Returns ``(out [B, S, Hq, D], lse [B, Hq, Sp, 128] f32)``."""
+    """Returns ``(out [B, S, Hq, Dv], lse [B, Hq, Sp, 128] f32)``."""
     bsz, s, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv, dv = k.shape[2], v.shape[3]
     g = hq // hkv
     qt, kt, vt, segs = _padded_inputs(q, k, v, q_seg, kv_seg, block_q, block_k)
     sp = qt.shape[2]
@@ -216,10 +222,10 @@ def forward(q, k, v, q_seg, kv_seg, *, spec, scale, cap, block_q, block_k, inter
 
     kw = dict(spec=spec, scale=scale, cap=cap, block_q=block_q, block_k=block_k)
     tiles = sched.num_valid * bsz * hq
-    out, lse = pl.pallas_call(
+    out, lse = _platform.pallas_call(
         functools.partial(_forward_kernel, **kw),
         out_shape=(
-            jax.ShapeDtypeStruct(qt.shape, q.dtype),
+            jax.ShapeDtypeStruct((bsz, hq, sp, dv), q.dtype),
             jax.ShapeDtypeStruct((bsz, hq, sp, LANES), _F32),
         ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -228,26 +234,26 @@ def forward(q, k, v, q_seg, kv_seg, *, spec, scale, cap, block_q, block_k, inter
             in_specs=[
                 pl.BlockSpec((None, None, block_q, d), q_tile),
                 pl.BlockSpec((None, None, block_k, d), kv_tile),
-                pl.BlockSpec((None, None, block_k, d), kv_tile),
+                pl.BlockSpec((None, None, block_k, dv), kv_tile),
                 *_seg_specs(segs, q_tile, kv_tile, block_q, block_k),
             ],
             out_specs=[
-                pl.BlockSpec((None, None, block_q, d), q_tile),
+                pl.BlockSpec((None, None, block_q, dv), q_tile),
                 pl.BlockSpec((None, None, block_q, LANES), q_tile),
             ],
             scratch_shapes=[
                 pltpu.VMEM((block_q, LANES), _F32),  # running max m
                 pltpu.VMEM((block_q, LANES), _F32),  # running denominator l
-                pltpu.VMEM((block_q, d), _F32),  # unnormalized output
+                pltpu.VMEM((block_q, dv), _F32),  # unnormalized output
             ],
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         cost_estimate=pl.CostEstimate(
-            flops=4 * block_q * block_k * d * tiles,
+            flops=2 * block_q * block_k * (d + dv) * tiles,
             transcendentals=block_q * block_k * tiles,
-            bytes_accessed=(qt.size * 2 + kt.size * 2) * q.dtype.itemsize,
+            bytes_accessed=(qt.size + kt.size + vt.size + bsz * hq * sp * dv) * q.dtype.itemsize,
         ),
         interpret=_platform.interpret_params(interpret),
     )(sched.q_tiles, sched.k_tiles, sched.flags, qt, kt, vt, *segs)
@@ -341,21 +347,39 @@ def _dkv_kernel(
 
 
 def backward(
-    q, k, v, q_seg, kv_seg, out, lse, dout, *, spec, scale, cap, block_q, block_k, interpret=False
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    out,
+    lse,
+    dout,
+    dlse=None,
+    *,
+    spec,
+    scale,
+    cap,
+    block_q,
+    block_k,
+    interpret=False,
 ):
     """``(dq, dk, dv)`` from the saved ``lse [B, Hq, Sp, 128]``; two kernels.
 
     dq walks the query-major schedule (grid ``(B, Hq, steps)``); dk/dv walk the key-major
     one with the G query heads of a kv head innermost (grid ``(B, Hkv, steps, G)``).
+    The lse cotangent ``dlse [B, S, Hq]`` (if any) enters through ``δ -= dlse``.
     """
     bsz, s, hq, d = q.shape
-    t, hkv = k.shape[1], k.shape[2]
+    t, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     qt, kt, vt, segs = _padded_inputs(q, k, v, q_seg, kv_seg, block_q, block_k)
     sp = qt.shape[2]
     dot_ = jnp.pad(dout, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     # δ = rowsum(do ∘ o): one cheap XLA reduction, lane-replicated like lse.
     delta = jnp.einsum("bshd,bshd->bhs", dout.astype(_F32), out.astype(_F32))
+    if dlse is not None:
+        delta = delta - dlse.astype(_F32).transpose(0, 2, 1)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, sp - s)))
     delta = jnp.broadcast_to(delta[..., None], (bsz, hq, sp, LANES))
     kw = dict(spec=spec, scale=scale, cap=cap, block_q=block_q, block_k=block_k)
@@ -372,10 +396,12 @@ def backward(
         return b, jax.lax.div(h, g), kj[i], 0  # lax.div: floor_divide needs sign, not on TPU
 
     q_spec = pl.BlockSpec((None, None, block_q, d), q_tile)
-    kv_spec = pl.BlockSpec((None, None, block_k, d), kv_tile)
+    do_spec = pl.BlockSpec((None, None, block_q, dv_dim), q_tile)
+    k_spec = pl.BlockSpec((None, None, block_k, d), kv_tile)
+    v_spec = pl.BlockSpec((None, None, block_k, dv_dim), kv_tile)
     stat_spec = pl.BlockSpec((None, None, block_q, LANES), q_tile)
     tiles = sched.num_valid * bsz * hq
-    dq = pl.pallas_call(
+    dq = _platform.pallas_call(
         functools.partial(_dq_kernel, **kw),
         out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -383,9 +409,9 @@ def backward(
             grid=(bsz, hq, sched.num_steps),
             in_specs=[
                 q_spec,
-                kv_spec,
-                kv_spec,
-                q_spec,
+                k_spec,
+                v_spec,
+                do_spec,
                 stat_spec,
                 stat_spec,
                 *_seg_specs(segs, q_tile, kv_tile, block_q, block_k),
@@ -397,9 +423,9 @@ def backward(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         cost_estimate=pl.CostEstimate(
-            flops=6 * block_q * block_k * d * tiles,
+            flops=2 * block_q * block_k * (2 * d + dv_dim) * tiles,
             transcendentals=block_q * block_k * tiles,
-            bytes_accessed=(qt.size * 3 + kt.size * 2) * itemsize,
+            bytes_accessed=(qt.size * 2 + dot_.size + kt.size + vt.size) * itemsize,
         ),
         interpret=params,
     )(sched.q_tiles, sched.k_tiles, sched.flags, qt, kt, vt, dot_, lse, delta, *segs)
@@ -414,10 +440,12 @@ def backward(
         return b, h, kj[i], 0
 
     q_spec = pl.BlockSpec((None, None, block_q, d), q_tile_k)
-    kv_spec = pl.BlockSpec((None, None, block_k, d), kv_tile_k)
+    do_spec = pl.BlockSpec((None, None, block_q, dv_dim), q_tile_k)
+    k_spec = pl.BlockSpec((None, None, block_k, d), kv_tile_k)
+    v_spec = pl.BlockSpec((None, None, block_k, dv_dim), kv_tile_k)
     stat_spec = pl.BlockSpec((None, None, block_q, LANES), q_tile_k)
     tiles = sched_k.num_valid * bsz * hq
-    dk, dv = pl.pallas_call(
+    dk, dv = _platform.pallas_call(
         functools.partial(_dkv_kernel, **kw),
         out_shape=(
             jax.ShapeDtypeStruct(kt.shape, k.dtype),
@@ -428,23 +456,23 @@ def backward(
             grid=(bsz, hkv, sched_k.num_steps, g),
             in_specs=[
                 q_spec,
-                kv_spec,
-                kv_spec,
-                q_spec,
+                k_spec,
+                v_spec,
+                do_spec,
                 stat_spec,
                 stat_spec,
                 *_seg_specs(segs, q_tile_k, kv_tile_k, block_q, block_k),
             ],
-            out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[pltpu.VMEM((block_k, d), _F32), pltpu.VMEM((block_k, d), _F32)],
+            out_specs=[k_spec, v_spec],
+            scratch_shapes=[pltpu.VMEM((block_k, d), _F32), pltpu.VMEM((block_k, dv_dim), _F32)],
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
         ),
         cost_estimate=pl.CostEstimate(
-            flops=8 * block_q * block_k * d * tiles,
+            flops=2 * block_q * block_k * (2 * d + 2 * dv_dim) * tiles,
             transcendentals=block_q * block_k * tiles,
-            bytes_accessed=(qt.size * 2 + kt.size * 4) * itemsize,
+            bytes_accessed=(qt.size + dot_.size + (kt.size + vt.size) * 2) * itemsize,
         ),
         interpret=params,
     )(sched_k.q_tiles, sched_k.k_tiles, sched_k.flags, qt, kt, vt, dot_, lse, delta, *segs)

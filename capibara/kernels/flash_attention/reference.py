@@ -12,19 +12,20 @@ import jax.numpy as jnp
 from capibara.kernels.flash_attention import masks
 
 
-def attention(q, k, v, q_segments, kv_segments, *, spec: masks.MaskSpec, scale: float, cap):
-    """``softmax(mask(cap(scale · q kᵀ))) v`` with zeros for rows that see nothing.
+def attention_and_lse(q, k, v, q_segments, kv_segments, *, spec: masks.MaskSpec, scale: float, cap):
+    """``softmax(mask(cap(scale · q kᵀ))) v`` and its log-sum-exp; plain autodiff.
 
     Args:
-      q: ``[B, S, Hq, D]``; k, v: ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0``.
+      q: ``[B, S, Hq, D]``; k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, Dv]``, ``Hq % Hkv == 0``.
       q_segments: int32 ``[B, S]`` or ``None``; kv_segments: int32 ``[B, T]`` or ``None``.
       spec: mask structure; scale: logit scale; cap: soft-cap or ``None``.
 
     Returns:
-      ``[B, S, Hq, D]`` in ``q.dtype``.
+      ``(out [B, S, Hq, Dv] in q.dtype, lse [B, S, Hq] f32)``; a row that sees no key
+      has ``out = 0`` and ``lse = -inf``.
     """
     b, s, hq, d = q.shape
-    t, hkv = k.shape[1], k.shape[2]
+    t, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     qg = q.astype(jnp.float32).reshape(b, s, hkv, g, d)
     hi = jax.lax.Precision.HIGHEST
@@ -45,6 +46,15 @@ def attention(q, k, v, q_segments, kv_segments, *, spec: masks.MaskSpec, scale: 
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.exp(logits - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    empty = denom == 0.0
+    safe = jnp.where(empty, 1.0, denom)  # double where: no NaN gradient from log(0)
+    p = p / safe
+    lse = jnp.where(empty, masks.MASK_VALUE, row_max + jnp.log(safe))[..., 0]  # [B, K, G, S]
     out = jnp.einsum("bkgst,btkd->bskgd", p, v.astype(jnp.float32), precision=hi)
-    return out.reshape(b, s, hq, d).astype(q.dtype)
+    lse = lse.reshape(b, hq, s).transpose(0, 2, 1)
+    return out.reshape(b, s, hq, dv).astype(q.dtype), lse
+
+
+def attention(q, k, v, q_segments, kv_segments, *, spec: masks.MaskSpec, scale: float, cap):
+    """The output of ``attention_and_lse`` alone: ``[B, S, Hq, Dv]`` in ``q.dtype``."""
+    return attention_and_lse(q, k, v, q_segments, kv_segments, spec=spec, scale=scale, cap=cap)[0]

@@ -16,6 +16,9 @@ GQA without repeating k/v: the ``G = Hq / Hkv`` query heads that share a kv head
 stacked as rows, ``[bq, G, D] -> [bq·G, D]``, so each step is one ``[bq·G, D] @ [D, C]``
 dot against the kv head's chunk. Row ``r`` of a block is query ``a + r // G``.
 
+Values may have their own head dim (``v [B, T, Hkv, Dv]``, e.g. MLA's qk 192 / v 128):
+only the ``p·v`` and ``do·vᵀ`` products see ``Dv``.
+
 The log-sum-exp ``lse [B·Hkv, Sp, G]`` (f32) is saved for the backward pass. Rows with
 nothing to attend to get ``lse = +inf``, so ``exp(s - lse) = 0`` there without a guard.
 The backward recomputes logits transposed (``[C, rows]``) so that its dk/dv products
@@ -101,6 +104,18 @@ def _kv_groups(k, t_pad):
     b, t, hkv, d = k.shape
     k = jnp.pad(k, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
     return k.transpose(0, 2, 1, 3).reshape(b * hkv, t_pad, d).astype(_F32)
+
+
+def lse_from_groups(lse, b, hkv, s):
+    """``lse [B·Hkv, Sp, G] -> [B, S, Hq]`` (the public layout)."""
+    g = lse.shape[2]
+    return lse[:, :s].reshape(b, hkv, s, g).transpose(0, 2, 1, 3).reshape(b, s, hkv * g)
+
+
+def _lse_to_groups(x, hkv, s_pad):
+    """``[B, S, Hq] -> [B·Hkv, Sp, G]`` (f32), rows zero-padded: ``lse_from_groups``'s
+    inverse, for the lse cotangent."""
+    return _q_groups(x[..., None], hkv, s_pad)[..., 0]
 
 
 def _from_groups(x, b, hkv, s):
@@ -200,17 +215,17 @@ def forward(
     """Attention forward.
 
     Args:
-      q: ``[B, S, Hq, D]``; k, v: ``[B, T, Hkv, D]``; q_seg ``[B, S]``/kv_seg ``[B, T]``
-        int32 or both ``None``.
+      q: ``[B, S, Hq, D]``; k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, Dv]``;
+        q_seg ``[B, S]``/kv_seg ``[B, T]`` int32 or both ``None``.
       spec, scale, cap: mask structure, logit scale, soft-cap (or ``None``).
       block_q: query positions per block (rows per dot = ``block_q · G``).
       chunk: keys per step.
 
     Returns:
-      ``(out [B, S, Hq, D] in q.dtype, lse [B·Hkv, Sp, G] f32)``.
+      ``(out [B, S, Hq, Dv] in q.dtype, lse [B·Hkv, Sp, G] f32)``.
     """
     bsz, s_len, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv, dv = k.shape[2], v.shape[3]
     g = hq // hkv
     s_pad, t_pad = _sizes(q, k, block_q, chunk)
     # Scale once on [S, D] rather than on every [S, T] logit.
@@ -229,7 +244,7 @@ def forward(
             blk = _Block(spec, cap, chunk, qb, q_pos, q_seg_b, kh, vh, ks)
 
             def step(j, carry, masked):
-                m, denom, acc = carry  # [rows, 1], [rows, 1], [rows, D]
+                m, denom, acc = carry  # [rows, 1], [rows, 1], [rows, Dv]
                 _, s, _, vc = blk.logits(j, masked)
                 m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
                 # Rows that have seen only -inf so far shift by 0: exp(-inf) = 0, no NaN.
@@ -243,39 +258,56 @@ def forward(
             init = (
                 jnp.full((rows, 1), masks.MASK_VALUE, _F32),
                 jnp.zeros((rows, 1), _F32),
-                jnp.zeros((rows, d), _F32),
+                jnp.zeros((rows, dv), _F32),
             )
             m, denom, acc = _chunk_loops(bounds, step, init)
             empty = denom == 0.0  # the row saw no key: output 0, lse +inf (so bwd p = 0)
             out = acc / jnp.where(empty, 1.0, denom)
             lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, denom)))
-            return None, (out.reshape(block_q, g, d), lse.reshape(block_q, g))
+            return None, (out.reshape(block_q, g, dv), lse.reshape(block_q, g))
 
         _, (out, lse) = jax.lax.scan(q_block, None, _scan_xs(p))
-        return out.reshape(s_pad, g, d), lse.reshape(s_pad, g)
+        return out.reshape(s_pad, g, dv), lse.reshape(s_pad, g)
 
     out, lse = jax.lax.map(one_head, (qg, kg, vg, qsg, ksg))
     return _from_groups(out, bsz, hkv, s_len).astype(q.dtype), lse
 
 
 def backward(
-    q, k, v, q_seg, kv_seg, out, lse, dout, *, spec, scale: float, cap, block_q: int, chunk: int
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    out,
+    lse,
+    dout,
+    dlse=None,
+    *,
+    spec,
+    scale: float,
+    cap,
+    block_q: int,
+    chunk: int,
 ):
     """Gradients ``(dq, dk, dv)`` from the saved ``lse`` (no [S, T] matrix is kept).
 
     Per step: ``p = exp(s - lse)``, ``dv += pᵀ·do``, ``ds = p ∘ (do·vᵀ - δ)`` with
-    ``δ = rowsum(do ∘ o)``, then through the soft-cap, ``dq += ds·k``, ``dk += dsᵀ·q``
-    (both times ``scale``). dk, dv of a kv head sum over its ``G`` query heads for free:
-    those are rows of the same dot.
+    ``δ = rowsum(do ∘ o) - dlse`` (``∂lse/∂s = p``: the lse cotangent ``dlse [B, S, Hq]``,
+    if any, enters only through δ), then through the soft-cap, ``dq += ds·k``,
+    ``dk += dsᵀ·q`` (both times ``scale``). dk, dv of a kv head sum over its ``G`` query
+    heads for free: those are rows of the same dot.
     """
     bsz, s_len, hq, d = q.shape
-    t_len, hkv = k.shape[1], k.shape[2]
+    t_len, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     s_pad, t_pad = _sizes(q, k, block_q, chunk)
     qg = _q_groups(q, hkv, s_pad) * scale
     kg, vg = _kv_groups(k, t_pad), _kv_groups(v, t_pad)
     dog = _q_groups(dout, hkv, s_pad)
     delta = jnp.sum(dog * _q_groups(out, hkv, s_pad), axis=-1)  # [B·Hkv, Sp, G]
+    if dlse is not None:
+        delta = delta - _lse_to_groups(dlse, hkv, s_pad)
     qsg, ksg = _segments(q_seg, kv_seg, hkv, s_pad, t_pad)
     p = plan(spec, block_q, chunk, q_seg is not None)
     rows = block_q * g
@@ -287,7 +319,7 @@ def backward(
             i, bounds = xs
             qb, q_pos, q_seg_b = _block_inputs(qh, qs, i, block_q, g, d)
             blk = _Block(spec, cap, chunk, qb, q_pos, q_seg_b, kh, vh, ks)
-            dob = jax.lax.dynamic_slice_in_dim(doh, i * block_q, block_q).reshape(rows, d)
+            dob = jax.lax.dynamic_slice_in_dim(doh, i * block_q, block_q).reshape(rows, dv_dim)
             # Row vectors [1, rows]: the backward works on transposed logits [C, rows].
             lse_b = jax.lax.dynamic_slice_in_dim(lh, i * block_q, block_q).reshape(1, rows)
             delta_b = jax.lax.dynamic_slice_in_dim(dh, i * block_q, block_q).reshape(1, rows)
@@ -309,12 +341,12 @@ def backward(
             dq, dk, dv = _chunk_loops(bounds, step, (jnp.zeros((rows, d), _F32), *dkv))
             return (dk, dv), (dq * scale).reshape(block_q, g, d)
 
-        zeros = jnp.zeros((t_pad, d), _F32)
-        (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), _scan_xs(p))
+        zeros = (jnp.zeros((t_pad, d), _F32), jnp.zeros((t_pad, dv_dim), _F32))
+        (dk, dv), dq = jax.lax.scan(q_block, zeros, _scan_xs(p))
         return dq.reshape(s_pad, g, d), dk, dv
 
     dq, dk, dv = jax.lax.map(one_head, (qg, kg, vg, qsg, ksg, dog, lse, delta))
     dq = _from_groups(dq, bsz, hkv, s_len).astype(q.dtype)
     dk = dk[:, :t_len].reshape(bsz, hkv, t_len, d).transpose(0, 2, 1, 3).astype(k.dtype)
-    dv = dv[:, :t_len].reshape(bsz, hkv, t_len, d).transpose(0, 2, 1, 3).astype(v.dtype)
+    dv = dv[:, :t_len].reshape(bsz, hkv, t_len, dv_dim).transpose(0, 2, 1, 3).astype(v.dtype)
     return dq, dk, dv

@@ -77,6 +77,13 @@ def test_cost_counts_only_visible_tiles():
     assert xla.computed_logits(windowed, 256, 512) < 0.25 * 4096 * 4096
     by_key = pallas_tpu.schedule(windowed, 512, 512, segments=False, by_key=True)
     assert by_key.num_valid == 8 + 7
+    # S = 1024 queries on T = 4096 keys, causal: top-left (jax.nn) sees 1 + 2 key tiles,
+    # bottom-right 7 + 8; both skip the rest.
+    top_left = MaskSpec(q_len=1024, kv_len=4096, causal=True, q_offset=0)
+    assert pallas_tpu.schedule(top_left, 512, 512, segments=False).num_valid == 1 + 2
+    bottom_right = MaskSpec(q_len=1024, kv_len=4096, causal=True)
+    assert pallas_tpu.schedule(bottom_right, 512, 512, segments=False).num_valid == 7 + 8
+    assert xla.computed_logits(top_left, 256, 512) == 256 * 512 * (1 + 1 + 2 + 2)
 
 
 def test_xla_memory_is_linear_in_sequence_length():
@@ -98,6 +105,11 @@ def test_mask_helpers_agree_with_elementwise_mask():
         MaskSpec(q_len=23, kv_len=37, causal=True),
         MaskSpec(q_len=37, kv_len=23, causal=True, sliding_window=5),
         MaskSpec(q_len=30, kv_len=30, sliding_window=4),
+        MaskSpec(q_len=37, kv_len=23, causal=True, q_offset=0, local_window=(5, 0)),
+        MaskSpec(q_len=23, kv_len=37, q_offset=0, local_window=(3, 6)),
+        MaskSpec(q_len=23, kv_len=37, causal=True, q_offset=0),
+        MaskSpec(q_len=30, kv_len=30, local_window=(-2, 3)),
+        MaskSpec(q_len=20, kv_len=30, local_window=(2, -3)),  # empty: sees nothing
     ]:
         keep = np.asarray(
             masks.visible(spec, jnp.arange(spec.q_len)[:, None], jnp.arange(spec.kv_len)[None])
@@ -143,8 +155,10 @@ def test_bad_shapes_raise():
         flash_attention(q, k, v[:, :5])
     with pytest.raises(ValueError, match="batch and head_dim"):
         flash_attention(q[..., :8], k, v)
-    with pytest.raises(ValueError, match="batch, seq, heads, head_dim"):
-        flash_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="same rank"):
+        flash_attention(q[0], k, v)  # unbatched q, batched k/v
+    with pytest.raises(ValueError, match="rank >= 3"):
+        flash_attention(q[0, 0], k[0, 0], v[0, 0])
     with pytest.raises(TypeError, match="share a dtype"):
         flash_attention(q.astype(jnp.bfloat16), k, v)
     with pytest.raises(ValueError, match="segment_ids"):
