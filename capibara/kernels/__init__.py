@@ -13,10 +13,12 @@ from capibara.kernels.flash_attention import flash_attention
 from capibara.kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
 from capibara.kernels.grouped_matmul.ragged_dot import ragged_dot
 from capibara.kernels.paged_attention import paged_attention, paged_prefill_attention
+from capibara.kernels.quantized_matmul import QuantizedWeight, quantize, quantized_matmul
 from capibara.kernels.rope_kv_write import rope_kv_write
 
 __all__ = [
     "BlockSparseMatrix",
+    "QuantizedWeight",
     "block_sparse_matmul",
     "decode_matmul",
     "dot_product_attention",
@@ -26,6 +28,8 @@ __all__ = [
     "nnx_attention_fn",
     "paged_attention",
     "paged_prefill_attention",
+    "quantize",
+    "quantized_matmul",
     "ragged_dot",
     "rope_kv_write",
     "transposed_grouped_matmul",

@@ -23,6 +23,7 @@ OP_MODULES: tuple[str, ...] = (
     "capibara.kernels.flash_attention",
     "capibara.kernels.grouped_matmul",
     "capibara.kernels.paged_attention",
+    "capibara.kernels.quantized_matmul",
 )
 
 

@@ -80,7 +80,19 @@ def cases() -> list[MultiPlatformCase]:
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
+    qweight = kernels.quantize(_normal(15, (256, 128)), bits=4, group=32)
+
+    def int4_matmul(x, **kw):
+        return kernels.quantized_matmul(x, qweight, **kw)
+
     return [
+        MultiPlatformCase(
+            "quantized_matmul",
+            int4_matmul,
+            ref(int4_matmul),
+            (_normal(16, (8, 256)),),
+            True,
+        ),
         MultiPlatformCase(
             "flash_attention",
             causal_attention,
