@@ -19,6 +19,7 @@ from capibara import kernels
 from capibara.core.config import CapibaraConfig
 from capibara.kernels.bit_views import from_bits, to_bits
 from capibara.kernels.block_sparse import BlockLayout, BlockSparseMatrix
+from capibara.kernels.quantized_matmul import QuantizedWeight
 from capibara.kernels.rope_kv_write.reference import rotate
 
 
@@ -73,8 +74,11 @@ class Linear(nnx.Module):
     ``[nnz, bk, bn]`` and ``sparse_layout`` (static, hashable) says where they sit; the
     product runs through ``capibara.kernels.block_sparse_matmul``. Dense kernels go through
     ``capibara.kernels.decode_matmul`` (XLA's dot; on CPU its native kernel for a few bf16 rows),
-    stored ``[out, in]`` in an engine's serving copy (``use_out_in_layout``). Both
-    accumulate in f32 and return ``compute_dtype``.
+    stored ``[out, in]`` in an engine's serving copy (``use_out_in_layout``). After
+    ``capibara.quantize`` the ``kernel`` holds a ``QuantizedWeight``'s integer values
+    (``kernel_scales``/``kernel_mins`` beside it, ``quant_format`` static) and the
+    product runs through ``capibara.kernels.quantized_matmul``. All accumulate in f32
+    and return ``compute_dtype``.
     """
 
     def __init__(
@@ -89,6 +93,11 @@ class Linear(nnx.Module):
         self.interpret = config.interpret_kernels
         self.sparse_layout: BlockLayout | None = None
         self.kernel_out_in = False  # the serving layout, see use_out_in_layout
+        # (bits, group, offset, (K, N)) once quantized (make_quantized), else None.
+        self.quant_format: tuple[int, int, int, tuple[int, int]] | None = None
+        # Data attributes (parameters once quantized), so marked while still None.
+        self.kernel_scales = nnx.data(None)
+        self.kernel_mins = nnx.data(None)
 
     def use_out_in_layout(self) -> None:
         """Stores a dense kernel as ``[out, in]`` (a transposed copy; no-op if sparse).
@@ -98,7 +107,7 @@ class Linear(nnx.Module):
         ``[in, out]`` for the ``small`` model). For serving copies of a model
         (``capibara.core.inference``); checkpoints, sharding and sparsity read ``[in, out]``.
         """
-        if self.sparse_layout is None and not self.kernel_out_in:
+        if self.sparse_layout is None and self.quant_format is None and not self.kernel_out_in:
             self.kernel = nnx.Param(self.kernel.get_value().T)
             self.kernel_out_in = True
 
@@ -113,8 +122,35 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(w.blocks)
         self.sparse_layout = w.layout
 
+    def make_quantized(self, w: QuantizedWeight) -> None:
+        """Replaces the kernel by ``w`` (same ``[in, out]`` shape): integer values,
+        f32 scales (and mins) as parameters, the format static."""
+        if self.kernel_out_in or self.sparse_layout is not None or self.quant_format:
+            raise ValueError(
+                "make_quantized: the kernel must be a dense [in, out] float kernel, not "
+                "sparse, quantized or in the [out, in] serving layout"
+            )
+        if tuple(w.shape) != tuple(self.kernel.get_value().shape):
+            raise ValueError(f"quantized kernel shape {w.shape} != {self.kernel.get_value().shape}")
+        self.kernel = nnx.Param(w.values)
+        self.kernel_scales = nnx.Param(w.scales)
+        self.kernel_mins = nnx.data(None) if w.mins is None else nnx.Param(w.mins)
+        self.quant_format = (w.bits, w.group, w.offset, tuple(w.shape))
+
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """The ``QuantizedWeight`` the kernel holds (``None`` if not quantized)."""
+        if self.quant_format is None:
+            return None
+        bits, group, offset, shape = self.quant_format
+        mins = None if self.kernel_mins is None else self.kernel_mins.get_value()
+        values, scales = self.kernel.get_value(), self.kernel_scales.get_value()
+        return QuantizedWeight(values, scales, mins, bits, group, offset, shape)
+
     def dense_kernel(self) -> jax.Array:
-        """The ``[in, out]`` kernel, zeros where blocks were pruned."""
+        """The ``[in, out]`` kernel, zeros where blocks were pruned, dequantized (in the
+        parameter dtype of the scales, f32) where quantized."""
+        if self.quant_format is not None:
+            return self.quantized_weight().dequantize()
         if self.sparse_layout is None:
             kernel = self.kernel.get_value()
             return kernel.T if self.kernel_out_in else kernel
@@ -123,7 +159,14 @@ class Linear(nnx.Module):
     def __call__(self, x):  # [..., d_in] -> [..., d_out]
         x = x.astype(self.compute_dtype)
         kernel = self.kernel.get_value()
-        if self.sparse_layout is not None:
+        if self.quant_format is not None:
+            y = kernels.quantized_matmul(
+                x,
+                self.quantized_weight(),
+                implementation=self.implementation,
+                interpret=self.interpret,
+            )
+        elif self.sparse_layout is not None:
             y = kernels.block_sparse_matmul(
                 x,
                 BlockSparseMatrix(kernel.astype(self.compute_dtype), self.sparse_layout),
