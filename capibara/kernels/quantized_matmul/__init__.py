@@ -15,6 +15,9 @@ Implementations (``implementation=``):
   * ``"pallas"``: a Mosaic TPU kernel that rebuilds each weight tile in VMEM
     (``pallas_tpu.py``); the TPU default; ``interpret=True`` runs it in the TPU
     interpreter (how it is tested). Not run on a TPU yet.
+  * ``"native"``: a C++ kernel for XLA:CPU (``quantized_decode.cc``) that widens the
+    packed bytes in registers and reads them once; ``None`` picks it on CPU for up to
+    ``native.MAX_ROWS`` rows (decode steps) where it builds.
 
 Differentiable in ``x`` (the weight is a constant: ``dx = dy @ Wᵀ`` through the
 dequantized weight); integer weights have no gradient.
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capibara.kernels import _mesh, _platform
-from capibara.kernels.quantized_matmul import pallas_tpu, reference, xla
+from capibara.kernels.quantized_matmul import native, pallas_tpu, reference, xla
 from capibara.kernels.quantized_matmul.pallas_tpu import BlockSizes
 from capibara.kernels.quantized_matmul.weights import (
     QuantizedWeight,
@@ -60,7 +63,7 @@ def quantized_matmul(
       w: a ``QuantizedWeight`` of shape ``(K, N)``.
       preferred_element_type: output dtype; ``None`` = ``x.dtype``. Accumulation is f32
         whatever it is.
-      implementation: ``None``, ``"pallas"``, ``"xla"`` or ``"reference"``.
+      implementation: ``None``, ``"pallas"``, ``"xla"``, ``"native"`` or ``"reference"``.
       interpret: run the Pallas kernel in the Pallas TPU interpreter.
       block_sizes: Pallas tiles (``BlockSizes``); ``None`` = default.
 
@@ -99,6 +102,10 @@ def quantized_matmul(
 
 
 def _matmul(rows, w, out_dtype, implementation, interpret, blocks):
+    if implementation == "native" and not native.available():
+        raise ValueError(
+            f"quantized_matmul: implementation='native' unavailable: {native.reason()}"
+        )
     impls = {
         "reference": lambda x, w: reference.matmul(x, w, out_dtype),
         "xla": lambda x, w: xla.matmul(x, w, out_dtype),
@@ -106,6 +113,9 @@ def _matmul(rows, w, out_dtype, implementation, interpret, blocks):
             lambda x, w: pallas_tpu.matmul(x, w, out_dtype, blocks=blocks, interpret=interpret)
         ),
     }
+    few_rows = rows.shape[0] <= native.MAX_ROWS
+    if implementation == "native" or (implementation is None and few_rows and native.available()):
+        impls["native"] = lambda x, w: native.matmul(x, w, out_dtype)
     run = _platform.dispatch("quantized_matmul", implementation, interpret, impls)
     if implementation == "reference":
         return run(rows, w)  # plain autodiff

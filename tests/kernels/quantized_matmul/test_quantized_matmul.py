@@ -4,6 +4,8 @@ gradients, bad input."""
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 from capibara.kernels import QuantizedWeight, quantize, quantized_matmul
-from capibara.kernels.quantized_matmul import BlockSizes, from_gguf, pallas_tpu
+from capibara.kernels.quantized_matmul import BlockSizes, from_gguf, native, pallas_tpu
 
 # (bits, group, zero_point): int8 per channel and per group, int4 Q4_1- and Q4_0-like.
 FORMATS = [(8, None, None), (8, 64, None), (4, 32, True), (4, 64, False), (4, 128, True)]
@@ -58,7 +60,15 @@ def test_gguf_refuses_a_quant_type_without_a_layout():
         from_gguf(np.zeros(10, np.uint8), "Q5_K", (1, 256))
 
 
-IMPLS = [("xla", {}), ("pallas", {"interpret": True})]
+IMPLS = [("xla", {}), ("pallas", {"interpret": True}), ("native", {})]
+
+
+def test_the_native_kernel_builds_wherever_a_compiler_is():
+    # Portable vector code: a failed build is a failure, not a skip.
+    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        assert native.available(), native.reason()
+
+
 # (M, K, N): decode rows, non-multiples of the tiles, K past FULL_K (8-group tiles + pad).
 SHAPES = [(1, 256, 128), (5, 384, 200), (33, 2560, 136)]
 
@@ -69,8 +79,8 @@ CASES = [
     (shape, fmt, impl)
     for shape in SHAPES
     for fmt in FORMATS
-    for impl in ("xla", "pallas")
-    if impl == "xla" or shape[1] <= 2048 or fmt in (FORMATS[0], FORMATS[2])
+    for impl in ("xla", "native", "pallas")
+    if impl != "pallas" or shape[1] <= 2048 or fmt in (FORMATS[0], FORMATS[2])
 ]
 
 
@@ -83,6 +93,8 @@ def test_matches_the_reference(shape, fmt, impl):
     m, k, n = shape
     bits, group, zp = fmt
     kw = {"interpret": True} if impl == "pallas" else {}
+    if impl == "native" and m > 16:
+        m = 16  # decode rows: the kernel's use
     qw = quantize(_weight(2, k, n), bits, group, zero_point=zp)
     x = jax.random.normal(jax.random.key(3), (m, k))
     want = quantized_matmul(x, qw, implementation="reference")
@@ -147,6 +159,13 @@ def test_the_packed_weight_streams_fewer_bytes():
     assert quantize(w, 8).nbytes < 0.27 * w.size * 4  # int8 + one f32 scale per column
     # int4 + f32 scale and min per 32: 0.5 + 8/32 bytes a value (a third of bf16's 2).
     assert quantize(w, 4, 32).nbytes == w.size // 2 + 2 * (w.size // 32) * 4
+
+
+def test_the_default_runs_the_native_kernel_for_decode_rows_on_cpu():
+    qw = quantize(_weight(14, 128, 64), 4, 32)
+    few = jax.jit(lambda x: quantized_matmul(x, qw)).lower(jnp.ones((2, 128))).as_text()
+    many = jax.jit(lambda x: quantized_matmul(x, qw)).lower(jnp.ones((64, 128))).as_text()
+    assert native.TARGET in few and native.TARGET not in many
 
 
 def test_bad_input_names_the_value():
