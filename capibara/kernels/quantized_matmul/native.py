@@ -19,9 +19,8 @@ from capibara.kernels import _platform, native_build
 TARGET = "capibara_quantized_decode"
 SOURCE = Path(__file__).with_name("quantized_decode.cc")
 # Rows up to which implementation=None runs the kernel on CPU: it reads the weight
-# once per 4 rows. First measurement (SmolLM2's 210 layer products, 2 cores shared
-# with other work, so rough): int4 2.4x and int8 1.1x the bf16 native decode_matmul
-# at 1 row, int4 1.4x at 4, below 1x at 8.
+# once per 4 rows. make bench K=quantized (docs/quantization.md): 8-16x faster than
+# the xla path at 1-4 rows; at 8 rows it would read the weight twice.
 MAX_ROWS = 4
 
 KERNEL = native_build.Kernel(SOURCE, TARGET, "CapibaraQuantizedDecode")

@@ -41,6 +41,7 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t s8x16 __attribute__((vector_size(16)));
 constexpr int kMaxRows = 4;     // rows of x per register block; more rows loop
 constexpr int64_t kStrip = 64;  // columns per task
+constexpr int64_t kAhead = 16;  // byte rows prefetched ahead
 
 struct Problem {
   const float* x;
@@ -96,6 +97,9 @@ void columns(const Problem& p, int64_t m0, int64_t n, int64_t cols) {
     if (p.bits == 4) {
       const uint8_t* w = p.values + (g * half) * p.N + n;
       for (int64_t j = 0; j < half; ++j, w += p.N) {
+        // The strip's lines are N bytes apart, a stride the hardware prefetcher does
+        // not follow across pages: ask for the line kAhead rows down.
+        __builtin_prefetch(w + kAhead * p.N);
         f32x16 lo[V], hi[V];
         for (int v = 0; v < V; ++v) {
           const i32x16 q = widen<Full, false>(w + 16 * v, cols);
@@ -110,6 +114,7 @@ void columns(const Problem& p, int64_t m0, int64_t n, int64_t cols) {
     } else {
       const uint8_t* w = p.values + (g * p.group) * p.N + n;
       for (int64_t j = 0; j < p.group; ++j, w += p.N) {
+        __builtin_prefetch(w + kAhead * p.N);
         f32x16 q[V];
         for (int v = 0; v < V; ++v) {
           q[v] = __builtin_convertvector((widen<Full, true>(w + 16 * v, cols)), f32x16);
