@@ -13,6 +13,10 @@ import textwrap
 
 import pytest
 
+# One subprocess serves the whole module: its tests stay on one xdist worker
+# (``--dist loadgroup``), which starts the multi-test groups first.
+pytestmark = pytest.mark.xdist_group("sharding-32")
+
 SCRIPT = textwrap.dedent(
     """
     import json
@@ -21,30 +25,12 @@ SCRIPT = textwrap.dedent(
     from capibara.core.config import preset
     from capibara.core.model import CapibaraModel
     from capibara.sharding import batch_sharding, make_mesh, shard
-
-    config = preset("tiny-moe", implementation="xla")
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16)), jnp.int32)
-    single, _ = CapibaraModel(config, rngs=nnx.Rngs(0))(tokens)
-    results = {"devices": len(jax.devices())}
-    for shape, axes in [((4, 8), ("data", "model")), ((2, 4), ("data", "model")),
-                        ((2, 2, 2), ("data", "model", "expert"))]:
-        model = CapibaraModel(config, rngs=nnx.Rngs(0))
-        mesh = make_mesh(shape, axes)
-        specs = shard(model, mesh)
-        logits = nnx.jit(lambda m, t: m(t)[0])(model, jax.device_put(tokens, batch_sharding(mesh)))
-        up = model.stack.layers[0].mlp.w_gate_up.get_value()
-        q = model.stack.layers[0].self_attn.q_proj.kernel.get_value()
-        results[str(shape)] = {
-            "max_diff": float(jnp.max(jnp.abs(logits - single))),
-            "q_proj_spec": [str(a) for a in specs["stack.layers.0.self_attn.q_proj.kernel"]],
-            "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
-            "w_gate_up_shard_shape": list(up.addressable_shards[0].data.shape),
-            "q_proj_devices": len(q.sharding.device_set),
-        }
-
-    # Pallas (interpret mode) and xla under the mesh, forward and gradients, through
-    # the ops' own shard_map rule: nothing here calls shard_map.
     from capibara.training import next_token_loss
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16)), jnp.int32)
+
+    def forward(model, toks):
+        return nnx.jit(lambda m, t: m(t)[0])(model, toks)
 
     def loss_and_grads(model, toks):
         step = lambda m, t: nnx.value_and_grad(next_token_loss, has_aux=True)(m, t)
@@ -55,33 +41,62 @@ SCRIPT = textwrap.dedent(
         return max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    for name, overrides, shapes in [
-        ("interpret", dict(implementation=None, interpret_kernels=True), [(2, 4)]),
-        ("xla", dict(implementation="xla"), [(4, 8)]),
-    ]:
-        config = preset("tiny-moe", **overrides)
-        one = CapibaraModel(config, rngs=nnx.Rngs(0))
-        logits_one = nnx.jit(lambda m, t: m(t)[0])(one, tokens)
-        loss_one, grads_one = loss_and_grads(one, tokens)
-        for shape in shapes:
-            model = CapibaraModel(config, rngs=nnx.Rngs(0))
-            mesh = make_mesh(shape)
-            shard(model, mesh)
-            toks = jax.device_put(tokens, batch_sharding(mesh))
-            logits = nnx.jit(lambda m, t: m(t)[0])(model, toks)
-            loss, grads = loss_and_grads(model, toks)
-            params = jax.tree.leaves(nnx.state(model, nnx.Param))
-            device0 = jax.devices()[0]
-            results[f"{name} {shape}"] = {
-                "logits": float(jnp.max(jnp.abs(logits - logits_one))),
-                "loss": float(abs(loss - loss_one) / abs(loss_one)),
-                "grads": relative(grads, grads_one),
-                "logits_spec": [str(a) for a in logits.sharding.spec],
-                "param_bytes": sum(p.nbytes for p in params),
-                "param_bytes_device0": sum(
-                    s.data.nbytes for p in params for s in p.addressable_shards
-                    if s.device == device0
-                ),
+    def sharded(config, shape, axes=("data", "model")):
+        model = CapibaraModel(config, rngs=nnx.Rngs(0))
+        mesh = make_mesh(shape, axes)
+        specs = shard(model, mesh)
+        return model, specs, jax.device_put(tokens, batch_sharding(mesh))
+
+    def placement(model, specs):
+        up = model.stack.layers[0].mlp.w_gate_up.get_value()
+        q = model.stack.layers[0].self_attn.q_proj.kernel.get_value()
+        return {
+            "q_proj_spec": [str(a) for a in specs["stack.layers.0.self_attn.q_proj.kernel"]],
+            "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
+            "w_gate_up_shard_shape": list(up.addressable_shards[0].data.shape),
+            "q_proj_devices": len(q.sharding.device_set),
+        }
+
+    # One device, xla: the reference of every run below. The interpret-mode kernels on
+    # the mesh are compared with it too: another implementation, not just another layout.
+    xla = preset("tiny-moe", implementation="xla")
+    one = CapibaraModel(xla, rngs=nnx.Rngs(0))
+    logits_one = forward(one, tokens)
+    loss_one, grads_one = loss_and_grads(one, tokens)
+    results = {"devices": len(jax.devices())}
+
+    # The xla forward on two more layouts, the expert axis included ((4, 8) is below,
+    # with gradients).
+    for shape, axes in [((2, 4), ("data", "model")), ((2, 2, 2), ("data", "model", "expert"))]:
+        model, specs, toks = sharded(xla, shape, axes)
+        results[str(shape)] = {
+            "max_diff": float(jnp.max(jnp.abs(forward(model, toks) - logits_one))),
+            **placement(model, specs),
+        }
+
+    # Pallas (interpret mode) and xla under the mesh, forward and gradients, through
+    # the ops' own shard_map rule: nothing here calls shard_map.
+    interpret = preset("tiny-moe", implementation=None, interpret_kernels=True)
+    for name, config, shape in [("interpret", interpret, (2, 4)), ("xla", xla, (4, 8))]:
+        model, specs, toks = sharded(config, shape)
+        logits = forward(model, toks)
+        loss, grads = loss_and_grads(model, toks)
+        params = jax.tree.leaves(nnx.state(model, nnx.Param))
+        device0 = jax.devices()[0]
+        results[f"{name} {shape}"] = {
+            "logits": float(jnp.max(jnp.abs(logits - logits_one))),
+            "loss": float(abs(loss - loss_one) / abs(loss_one)),
+            "grads": relative(grads, grads_one),
+            "logits_spec": [str(a) for a in logits.sharding.spec],
+            "param_bytes": sum(p.nbytes for p in params),
+            "param_bytes_device0": sum(
+                s.data.nbytes for p in params for s in p.addressable_shards
+                if s.device == device0
+            ),
+        }
+        if name == "xla":
+            results[str(shape)] = {
+                "max_diff": results[f"{name} {shape}"]["logits"], **placement(model, specs)
             }
 
     # Block-sparse MLP kernels stored in 8 column shards, split over "model" on (4, 8):
@@ -95,10 +110,10 @@ SCRIPT = textwrap.dedent(
     report = sparsify(model, 0.5, (16, 16), column_shards=8)
     mesh = make_mesh((4, 8))
     specs = shard(model, mesh)
-    logits = nnx.jit(lambda m, t: m(t)[0])(model, jax.device_put(tokens, batch_sharding(mesh)))
+    logits = forward(model, jax.device_put(tokens, batch_sharding(mesh)))
     gate = model.stack.layers[0].mlp.gate_proj.kernel.get_value()
     results["sparse columns"] = {
-        "max_diff": float(jnp.max(jnp.abs(logits - whole(tokens)[0]))),
+        "max_diff": float(jnp.max(jnp.abs(logits - forward(whole, tokens)))),
         "column_sharded": list(report.column_sharded),
         "gate_spec": str(specs["stack.layers.0.mlp.gate_proj.kernel"]),
         "gate_blocks": [gate.shape[0], gate.addressable_shards[0].data.shape[0]],
