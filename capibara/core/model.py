@@ -257,24 +257,33 @@ class CapibaraModel(nnx.Module):
         return logits, new_cache, (jnp.stack(loads) if loads else None)
 
     @classmethod
-    def from_pretrained(cls, path: str | pathlib.Path, *, seed: int = 0, **config_overrides):
-        """Loads a Hugging Face (Llama, Mistral, Mixtral, Qwen2) or Capibara checkpoint.
+    def from_pretrained(
+        cls, path: str | pathlib.Path | None = None, *, seed: int = 0, **config_overrides
+    ):
+        """Loads a GGUF file, a Hugging Face (Llama, Mistral, Mixtral, Qwen2) or a
+        Capibara checkpoint, with its tokenizer (``model.tokenizer``).
+
+        Built abstractly (``nnx.eval_shape``) and filled one tensor at a time: no random
+        initialisation, peak memory about the weights' size. A GGUF file is converted
+        once into ``~/.cache/capibara`` (``$CAPIBARA_CACHE_DIR``); see
+        ``capibara.core.pretrained``.
 
         Args:
-          path: directory with ``config.json`` or ``capibara_config.json`` and
-            ``model.safetensors`` (or sharded ``model-0000x-of-0000y.safetensors`` with
-            their index).
-          seed: seeds parameters the checkpoint does not hold (none for a valid one).
-          config_overrides: config fields to change, e.g. ``implementation="xla"``.
+          path: a ``.gguf`` file (architecture ``llama``/``qwen2``; F32, F16, BF16,
+            Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and K-quant tensors, dequantized to f32); a
+            directory with ``config.json`` or ``capibara_config.json`` and
+            ``model.safetensors`` (or shards with their index); or None for the default
+            model, SmolLM2-135M-Instruct.
+          seed: seeds the buffers that are not parameters (RNG streams).
+          config_overrides: config fields to change, e.g. ``param_dtype="bfloat16"``.
 
         Raises:
-          ValueError: naming the missing, unexpected or mis-shaped tensors.
+          ValueError: naming the missing, unexpected or mis-shaped tensors, or the
+            unsupported architecture, tensor or quantization type of a GGUF file.
         """
-        directory = pathlib.Path(path)
-        config = checkpoint.load_config(directory, **config_overrides)
-        model = cls(config, rngs=nnx.Rngs(seed))
-        checkpoint.load_weights(model, checkpoint.read_safetensors(directory))
-        return model
+        from capibara.core import pretrained
+
+        return pretrained.from_pretrained(cls, path, seed=seed, **config_overrides)
 
     def save_pretrained(self, path: str | pathlib.Path) -> None:
         """Writes ``model.safetensors`` + ``capibara_config.json`` for ``from_pretrained``."""
