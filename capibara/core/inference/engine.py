@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -76,6 +76,52 @@ class _AsyncSink:
         self.loop.call_soon_threadsafe(self._finish, generation)
 
 
+class EventStream:
+    """The events of one submitted request (``CapibaraInference.open_stream``).
+
+    An async iterator of ``StreamEvent`` (the last carries the ``Generation``) and an
+    async context manager. ``abort()`` (callable from the event loop's thread at any
+    moment, e.g. when an HTTP client disconnects) or leaving the ``async with`` frees
+    the request's slot and pages at once; the iterator then ends with the
+    ``"cancelled"`` generation, unless it had finished already.
+
+    NOTE: a class and not an async generator on purpose: a generator that was never
+    started runs no ``finally`` when closed, so a request submitted but never read
+    would keep its pages.
+    """
+
+    def __init__(self, engine: CapibaraInference, request: Request, sink: _AsyncSink):
+        self._engine, self.request, self._sink = engine, request, sink
+        self._done = False
+
+    @property
+    def request_id(self) -> int:
+        return self.request.id
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._sink.queue.get()
+        if event.generation is not None:
+            self._done = True
+        return event
+
+    def abort(self) -> None:
+        self._engine._abort(self.request)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+
 class CapibaraInference:
     """Serves a ``CapibaraModel`` with a paged KV cache and continuous batching.
 
@@ -107,7 +153,10 @@ class CapibaraInference:
             )
         self.config = config
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        # A model from from_pretrained carries its checkpoint's tokenizer (model.tokenizer).
+        if tokenizer is None:
+            tokenizer = getattr(model, "tokenizer", None) or ByteTokenizer()
+        self.tokenizer = tokenizer
         self._pool = PagePool(config.num_pages)
         self._prefix = PrefixCache(self._pool, config.page_size) if config.prefix_cache else None
         self._scheduler = Scheduler(config, self._pool, self._prefix)
@@ -119,6 +168,7 @@ class CapibaraInference:
         self._stopping = False
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(config.seed)
+        self._fault_hook: Callable[[list[int], int], None] | None = None
 
     # -- submission --------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
@@ -274,6 +324,8 @@ class CapibaraInference:
 
     def _emit(self, r: Request, token: int) -> None:
         try:
+            if self._fault_hook is not None:
+                self._fault_hook(r.prompt, len(r.output) + 1)
             r.first_token = r.first_token or time.perf_counter()
             r.output.append(token)
             stop = token in r.stop_ids
@@ -398,17 +450,23 @@ class CapibaraInference:
         Closing the iterator (``aclose``, ``break`` then garbage collection) or
         cancelling its task cancels the request and frees its slot and pages at once.
         """
+        async with self.open_stream(prompt, sampling) as events:
+            async for event in events:
+                yield event
+
+    def open_stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> EventStream:
+        """Submits one request now and returns its ``EventStream``.
+
+        Unlike ``stream`` (which submits at its first iteration), every submission
+        error -- ``ValueError``/``TypeError``, ``ContextLengthError``,
+        ``QueueFullError`` -- raises here, before the caller commits to anything (an
+        HTTP server answers 400/429 before sending a streamed response's headers).
+        Call it from the event loop that reads the events.
+        """
         sink = _AsyncSink(asyncio.get_running_loop())
         request = self._make_request(prompt, sampling, sink)
         self._enqueue(request)
-        try:
-            while True:
-                event = await sink.queue.get()
-                yield event
-                if event.generation is not None:
-                    return
-        finally:
-            self._abort(request)
+        return EventStream(self, request, sink)
 
     def _abort(self, request: Request) -> None:
         with self._cond:
@@ -455,6 +513,21 @@ class CapibaraInference:
                 "capacity": self._pool.capacity,
                 "prefix_cache": len(self._prefix) if self._prefix else 0,
             }
+
+    def set_fault_hook(self, hook: Callable[[list[int], int], None] | None) -> None:
+        """Test-only fault injection: ``hook(prompt_ids, n)`` runs in the engine thread
+        before a request's ``n``-th token is delivered (``n`` from 1); an exception it
+        raises fails that request alone (``finish_reason="error"``), as any failure
+        while delivering a request's tokens does. ``None`` removes it. ``capibara
+        serve`` installs one from ``CAPIBARA_SERVE_FAULT_PROMPT`` (docs/serving.md)."""
+        with self._cond:
+            self._fault_hook = hook
+
+    def reset_metrics(self) -> None:
+        """Forgets the metrics history (counters, latency windows), e.g. after a
+        warm-up whose compile-time latencies would skew every figure."""
+        with self._cond:
+            self._metrics = EngineMetrics()
 
     def clear_prefix_cache(self) -> None:
         with self._cond:

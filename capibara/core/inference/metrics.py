@@ -1,8 +1,14 @@
 """Serving metrics: per-request latencies, throughput, utilisation, prefix hits, expert load.
 
 ``EngineMetrics`` is updated by the engine thread under the engine lock;
-``snapshot()`` returns an immutable ``MetricsSnapshot`` and ``prometheus_text``
-renders one in the Prometheus text exposition format.
+``snapshot()`` returns an immutable ``MetricsSnapshot``. ``SnapshotCollector`` turns
+snapshots into ``prometheus_client`` metric families (registered in a server's
+``CollectorRegistry``, it reads a fresh snapshot at every scrape), and
+``prometheus_text`` renders one snapshot in the text exposition format through it.
+
+The engine keeps its own counters (they are also read by ``metrics()``, without
+Prometheus); the collector re-exports them at scrape time instead of mirroring every
+update into ``prometheus_client`` objects from the engine thread.
 """
 
 from __future__ import annotations
@@ -10,8 +16,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import CollectorRegistry
 
 WINDOW = 10_000  # latency samples kept per series (the most recent)
 QUANTILES = (0.5, 0.9, 0.99)
@@ -138,76 +153,86 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+class SnapshotCollector:
+    """A ``prometheus_client`` collector of ``MetricsSnapshot``s.
+
+    ``snapshot`` is called at every ``collect()`` (every scrape), e.g.
+    ``SnapshotCollector(engine.metrics)``. Names are ``{prefix}_...``; counters end in
+    ``_total`` and summaries carry ``quantile`` samples over the recent window.
+    """
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot], prefix: str = "capibara"):
+        self._snapshot = snapshot
+        self._prefix = prefix
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed description: expert metrics exist only for MoE models
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._snapshot()
+        p = self._prefix
+
+        def counter(name, help_text, value):
+            return CounterMetricFamily(f"{p}_{name}", help_text, value=value)
+
+        def gauge(name, help_text, value):
+            return GaugeMetricFamily(f"{p}_{name}", help_text, value=value)
+
+        def summary(name, help_text, s: Summary):
+            family = SummaryMetricFamily(f"{p}_{name}", help_text)
+            for q, v in s.quantiles.items():
+                family.add_sample(f"{p}_{name}", {"quantile": str(q)}, v)
+            # The sum over the window's samples (the count is every sample ever):
+            # quantiles and the mean describe the recent window.
+            family.add_sample(f"{p}_{name}_sum", {}, s.mean * min(s.count, WINDOW))
+            family.add_sample(f"{p}_{name}_count", {}, s.count)
+            return family
+
+        finished = CounterMetricFamily(
+            f"{p}_requests_finished", "Finished requests by reason.", labels=["reason"]
+        )
+        for reason, n in sorted((m.requests_finished or {"length": 0}).items()):
+            finished.add_metric([reason], n)
+        yield finished
+        yield counter("requests_rejected", "Rejected at submit.", m.requests_rejected)
+        yield counter("preemptions", "Requests preempted for pages.", m.preemptions)
+        yield counter("generated_tokens", "Tokens generated.", m.generated_tokens)
+        yield counter("prompt_tokens", "Prompt tokens served.", m.prompt_tokens)
+        yield counter("steps", "Engine steps run.", m.steps)
+        yield gauge("compilations", "Compiled step shapes.", m.compilations)
+        yield gauge("tokens_per_second", "Generated tokens per busy second.", m.tokens_per_second)
+        yield summary("time_to_first_token_seconds", "Arrival to first token.", m.ttft)
+        yield summary(
+            "time_per_output_token_seconds", "Mean time per token after the first.", m.tpot
+        )
+        yield summary("e2e_latency_seconds", "Arrival to finish.", m.e2e_latency)
+        yield gauge("queue_depth", "Waiting requests.", m.queue_depth)
+        yield gauge("running_requests", "Requests in the batch.", m.running)
+        yield gauge("slot_utilization", "Busy slots / slots.", m.slot_utilization)
+        yield gauge("page_utilization", "KV pages in use / pages.", m.page_utilization)
+        yield gauge(
+            "prefix_cache_hit_rate",
+            "Prompt tokens from the prefix cache / looked up.",
+            m.prefix_cache_hit_rate,
+        )
+        yield gauge("prefix_cache_pages", "Pages held by the prefix cache.", m.prefix_cache_pages)
+        if m.expert_load is not None:
+            experts = CounterMetricFamily(
+                f"{p}_expert_tokens", "Tokens routed to each expert.", labels=["layer", "expert"]
+            )
+            for i, row in enumerate(m.expert_load):
+                for e, v in enumerate(row):
+                    experts.add_metric([str(i), str(e)], v)
+            yield experts
+            yield gauge(
+                "expert_load_imbalance",
+                "Max / mean expert load, averaged over MoE layers.",
+                m.expert_load_imbalance or 0.0,
+            )
+
+
 def prometheus_text(m: MetricsSnapshot, prefix: str = "capibara") -> str:
     """``m`` in the Prometheus text format (``# HELP``/``# TYPE`` then samples)."""
-    lines: list[str] = []
-
-    def metric(name, kind, help_text, samples):
-        lines.append(f"# HELP {prefix}_{name} {help_text}")
-        lines.append(f"# TYPE {prefix}_{name} {kind}")
-        for labels, value in samples:
-            label = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-            lines.append(f"{prefix}_{name}{label} {float(value):.9g}")
-
-    def summary(name, help_text, s: Summary):
-        samples = [({"quantile": q}, v) for q, v in s.quantiles.items()]
-        metric(name, "summary", help_text, samples)
-        lines.append(f"{prefix}_{name}_sum {s.mean * min(s.count, WINDOW):.9g}")
-        lines.append(f"{prefix}_{name}_count {s.count}")
-
-    reasons = m.requests_finished or {"length": 0}
-    metric(
-        "requests_finished_total",
-        "counter",
-        "Finished requests by reason.",
-        [({"reason": r}, n) for r, n in sorted(reasons.items())],
-    )
-    metric("requests_rejected_total", "counter", "Rejected at submit.", [({}, m.requests_rejected)])
-    metric("preemptions_total", "counter", "Requests preempted for pages.", [({}, m.preemptions)])
-    metric("generated_tokens_total", "counter", "Tokens generated.", [({}, m.generated_tokens)])
-    metric("prompt_tokens_total", "counter", "Prompt tokens served.", [({}, m.prompt_tokens)])
-    metric("steps_total", "counter", "Engine steps run.", [({}, m.steps)])
-    metric("compilations", "gauge", "Compiled step shapes.", [({}, m.compilations)])
-    metric(
-        "tokens_per_second",
-        "gauge",
-        "Generated tokens per busy second.",
-        [({}, m.tokens_per_second)],
-    )
-    summary("time_to_first_token_seconds", "Arrival to first token.", m.ttft)
-    summary("time_per_output_token_seconds", "Mean time per token after the first.", m.tpot)
-    summary("e2e_latency_seconds", "Arrival to finish.", m.e2e_latency)
-    metric("queue_depth", "gauge", "Waiting requests.", [({}, m.queue_depth)])
-    metric("running_requests", "gauge", "Requests in the batch.", [({}, m.running)])
-    metric("slot_utilization", "gauge", "Busy slots / slots.", [({}, m.slot_utilization)])
-    metric("page_utilization", "gauge", "KV pages in use / pages.", [({}, m.page_utilization)])
-    metric(
-        "prefix_cache_hit_rate",
-        "gauge",
-        "Prompt tokens from the prefix cache / looked up.",
-        [({}, m.prefix_cache_hit_rate)],
-    )
-    metric(
-        "prefix_cache_pages",
-        "gauge",
-        "Pages held by the prefix cache.",
-        [({}, m.prefix_cache_pages)],
-    )
-    if m.expert_load is not None:
-        metric(
-            "expert_tokens_total",
-            "counter",
-            "Tokens routed to each expert.",
-            [
-                ({"layer": i, "expert": e}, v)
-                for i, row in enumerate(m.expert_load)
-                for e, v in enumerate(row)
-            ],
-        )
-        metric(
-            "expert_load_imbalance",
-            "gauge",
-            "Max / mean expert load, averaged over MoE layers.",
-            [({}, m.expert_load_imbalance or 0.0)],
-        )
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: m, prefix))
+    return generate_latest(registry).decode()
