@@ -109,8 +109,9 @@ def _entry(path: str, shape: tuple[int, ...]) -> _Entry | None:
     return None
 
 
-def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of a directory: one ``model.safetensors`` or the shards of its index."""
+def safetensors_files(directory: pathlib.Path) -> list[str]:
+    """The safetensors file names of a directory: the shards its index names, else
+    every ``*.safetensors``; ``FileNotFoundError`` when there is none."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -118,6 +119,12 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {directory}")
+    return files
+
+
+def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of a directory: one ``model.safetensors`` or the shards of its index."""
+    files = safetensors_files(directory)
     tensors: dict[str, np.ndarray] = {}
     for name in files:
         tensors.update(load_file(str(directory / name)))

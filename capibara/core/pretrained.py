@@ -163,13 +163,7 @@ def lazy_safetensors(directory: pathlib.Path) -> Mapping[str, np.ndarray]:
     """The tensors of a directory's safetensors files (shards too), read on access."""
     from capibara.core.gguf import _LazyTensors
 
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {directory}")
+    files = checkpoint.safetensors_files(directory)
     where, shapes = {}, {}
     for name in files:
         start, header = _safetensors_header(directory / name)
