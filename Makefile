@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # without it 772 s (docs/packaging.md).
 COV ?=
 test: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 \
 		$(if $(COV),--cov=capibara --cov-report=term) $(if $(K),-k '$(K)') $(PYTEST_ARGS)
 
 # The op and model tests once more under jax_numpy_rank_promotion="raise" and

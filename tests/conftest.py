@@ -26,14 +26,6 @@ def _run_on_host_devices(args: list[str], devices: int, timeout: float) -> dict:
     return json.loads(line[len("RESULT") :])
 
 
-def pytest_configure(config):
-    # pytest-xdist registers this marker; registered here too, so that the modules that
-    # use it still collect under ``--strict-markers`` with ``-p no:xdist``.
-    config.addinivalue_line(
-        "markers", "xdist_group(name): keep these tests on one xdist worker (--dist loadgroup)"
-    )
-
-
 @pytest.fixture(scope="session")
 def run_on_host_devices():
     """``run(args, devices, timeout) -> dict``: see ``_run_on_host_devices``."""

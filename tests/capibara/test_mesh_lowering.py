@@ -10,13 +10,8 @@ import subprocess
 import sys
 
 import jax
-import pytest
 
 from capibara import mesh_lowering
-
-# The export subprocess is the slowest test of its module: a group of its own, which
-# ``--dist loadgroup`` schedules before the single tests.
-pytestmark = pytest.mark.xdist_group("mesh-lowering-32")
 
 
 def test_the_model_exports_for_tpu_on_a_4x8_mesh():

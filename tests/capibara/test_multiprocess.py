@@ -19,10 +19,6 @@ import sys
 import numpy as np
 import pytest
 
-# One subprocess serves the whole module: its tests stay on one xdist worker
-# (``--dist loadgroup``), which starts the multi-test groups first.
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 
 

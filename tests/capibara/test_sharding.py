@@ -13,10 +13,6 @@ import textwrap
 
 import pytest
 
-# One subprocess serves the whole module: its tests stay on one xdist worker
-# (``--dist loadgroup``), which starts the multi-test groups first.
-pytestmark = pytest.mark.xdist_group("sharding-32")
-
 SCRIPT = textwrap.dedent(
     """
     import json

@@ -11,10 +11,6 @@ import pathlib
 
 import pytest
 
-# One subprocess serves the whole module: its tests stay on one xdist worker
-# (``--dist loadgroup``), which starts the multi-test groups first.
-pytestmark = pytest.mark.xdist_group("kernels-mesh-8")
-
 SCRIPT = pathlib.Path(__file__).with_name("mesh_cases.py")
 TOLERANCE = 2e-5  # f32, relative to the largest reference value
 

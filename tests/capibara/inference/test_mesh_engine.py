@@ -11,10 +11,6 @@ import pytest
 
 from capibara.core.inference import EngineConfig
 
-# One subprocess serves the whole module: its tests stay on one xdist worker
-# (``--dist loadgroup``), which starts the multi-test groups first.
-pytestmark = pytest.mark.xdist_group("mesh-engine-8")
-
 SCRIPT = pathlib.Path(__file__).with_name("mesh_engine_cases.py")
 
 

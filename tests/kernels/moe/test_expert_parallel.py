@@ -18,10 +18,6 @@ from capibara.core.moe import MoEBlockConfig
 from capibara.core.token_routers import TokenRouterConfig
 from capibara.kernels import grouped_matmul, moe
 
-# One subprocess serves the whole module: its tests stay on one xdist worker
-# (``--dist loadgroup``), which starts the multi-test groups first.
-pytestmark = pytest.mark.xdist_group("expert-parallel-8")
-
 SCRIPT = pathlib.Path(__file__).with_name("expert_parallel_cases.py")
 TOLERANCE = 2e-5  # f32, relative to the largest reference value
 
