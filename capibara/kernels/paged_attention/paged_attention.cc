@@ -23,10 +23,10 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "../native/f32x16.h"
+#include "../native/task_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -259,14 +259,6 @@ struct Work {
   }
 };
 
-inline void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
-
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
                           ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> lengths,
                           ffi::Buffer<ffi::S32> page_table, ffi::Result<ffi::AnyBuffer> out,
@@ -303,11 +295,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
   work->bf16 = dtype == ffi::DataType::BF16;
   work->tiles = (p.S + kQueryTile - 1) / kQueryTile;
   work->num_tasks = p.B * p.Hkv * work->tiles;
-  const int64_t helpers =
-      std::min<int64_t>(std::max<int64_t>(0, pool.num_threads()), work->num_tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->num_tasks) pause();
+  capibara::tasks::run_shared(pool, work);
   return ffi::Error::Success();
 }
 

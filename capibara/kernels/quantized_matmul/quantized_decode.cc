@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -28,6 +27,7 @@
 #endif
 
 #include "../native/f32x16.h"
+#include "../native/task_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -177,14 +177,6 @@ struct Work {
   }
 };
 
-inline void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
-
 ffi::Error QuantizedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
                            ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> mins,
                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group,
@@ -212,11 +204,7 @@ ffi::Error QuantizedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
       p.xsum[m * G + g] = s;
     }
   work->num_tasks = (N + kStrip - 1) / kStrip;
-  const int64_t helpers =
-      std::min<int64_t>(std::max<int64_t>(0, pool.num_threads()), work->num_tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->num_tasks) pause();
+  capibara::tasks::run_shared(pool, work);
   return ffi::Error::Success();
 }
 
