@@ -5,7 +5,6 @@ data x model mesh and a (2, 4, 4) data x expert x model mesh of 32 CPU devices
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -14,13 +13,10 @@ import jax
 from capibara import mesh_lowering
 
 
-def test_the_model_exports_for_tpu_on_a_4x8_mesh():
-    # Appended: keeps the suite's flags (tests/conftest.py).
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=32"
-    env = {**os.environ, "XLA_FLAGS": flags}
+def test_the_model_exports_for_tpu_on_a_4x8_mesh(host_device_env):
     proc = subprocess.run(
         [sys.executable, "-m", "capibara.mesh_lowering"],
-        env=env,
+        env=host_device_env(32),
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -29,11 +28,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, host_device_env):
     out = tmp_path_factory.mktemp("multiprocess")
-    # Appended: keeps the suite's flags (tests/conftest.py).
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env = {**os.environ, "XLA_FLAGS": flags}
+    env = host_device_env(4)
     port = free_port()
     with contextlib.ExitStack() as files:
         procs = [

@@ -3,9 +3,9 @@
 call with default settings.
 
 One subprocess (the settings are process-wide) computes everything with the default
-settings, then switches them on and computes it again: both settings are part of
-JAX's trace context, so the second round retraces under them. ``make test-strict`` runs the whole op
-suite with them too (slower; not part of ``make test``).
+settings, then switches them on and computes it again: every ``jit`` there wraps a new
+function, so the second round is traced afresh under them. ``make test-strict`` runs
+the whole op suite with them too (slower; not part of ``make test``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from capibara import kernels
